@@ -1,0 +1,82 @@
+"""The on-disk contract of an index (DESIGN.md), independent of any runner.
+
+::
+
+    <index>/LATEST                         JSON pointer to the newest complete version
+    <index>/_staging/<version>/...         a build in progress (never read)
+    <index>/<version>/MANIFEST.json        written last; digests of every file below
+    <index>/<version>/transform_fn/...     tf.Transform graph, applied to queries too
+    <index>/<version>/lsh_planes.npy       (dim, bits) hyperplanes
+    <index>/<version>/shards/shard-NNNNN/  annoy.ann, vectors.f16.npy, lsh_codes.npy,
+                                           mih_offsets.npy, mih_ids.npy, idmap.parquet, SHARD.json
+
+Nothing here imports Beam: the pipeline moves files, this module names and checks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "MANIFEST.json"
+POINTER = "LATEST"
+STAGING = "_staging"
+SHARD_INFO = "SHARD.json"
+LSH_PLANES = "lsh_planes.npy"
+TRANSFORM_DIR = "transform_fn"
+TRANSFORMED_METADATA_DIR = "transformed_metadata"
+ANNOY_FILE = "annoy.ann"
+VECTORS_FILE = "vectors.f16.npy"
+CODES_FILE = "lsh_codes.npy"
+MIH_OFFSETS_FILE = "mih_offsets.npy"
+MIH_IDS_FILE = "mih_ids.npy"
+IDMAP_FILE = "idmap.parquet"
+METRIC = "angular"
+
+
+class IndexIntegrityError(RuntimeError):
+    """A version whose files do not match its manifest, or is not complete."""
+
+
+def new_version() -> str:
+    return "v" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def shard_dir(shard: int) -> str:
+    return f"shards/shard-{shard:05d}"
+
+
+def stable_shard(image_id: str, num_shards: int) -> int:
+    """Shard of an image id: the same on every worker, Python version and run."""
+    digest = hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % num_shards
+
+
+def sha256_stream(chunks) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    for chunk in chunks:
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
+
+
+def sha256_file(path: str) -> tuple[str, int]:
+    with open(path, "rb") as f:
+        return sha256_stream(iter(lambda: f.read(1 << 20), b""))
+
+
+def check_manifest(manifest: dict[str, Any]) -> None:
+    """Structural checks a reader makes before it trusts a manifest."""
+    if manifest.get("kind") != "index":
+        raise IndexIntegrityError("not an index manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexIntegrityError(
+            f"index format {manifest.get('format_version')} is not {FORMAT_VERSION}: rebuild the index"
+        )
+    for key in ("dimension", "metric", "shards", "items", "model_fingerprint", "files", "annoy", "lsh"):
+        if key not in manifest:
+            raise IndexIntegrityError(f"manifest lacks {key!r}")

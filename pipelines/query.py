@@ -1,0 +1,89 @@
+"""``cbir query``: image files in, top-k neighbours out (table, JSON lines, contact sheet)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from serving.embedder import open_embedder
+from serving.searcher import Searcher
+from serving.sheet import contact_sheet, save_png
+from transforms import fsutil
+
+log = logging.getLogger(__name__)
+
+
+def _read_or_none(uri: str) -> bytes | None:
+    try:
+        return fsutil.read_bytes(uri)
+    except Exception:
+        return None
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    fsutil.write_bytes_atomic(path, data)
+
+
+def run_query(
+    index: str,
+    images: list[str],
+    k: int = 10,
+    rerank: bool = False,
+    qe: int = 0,
+    method: str = "annoy",
+    version: str | None = None,
+    weights_dir: str | None = None,
+    sheet: str | None = None,
+    verify: bool = True,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
+    """Returns (result rows, failures, timings); all images go through the model as one batch."""
+    t0 = time.perf_counter()
+    searcher = Searcher(index, version=version, verify=verify)
+    t1 = time.perf_counter()
+    embedder = open_embedder(searcher.version_dir, searcher.manifest, weights_dir)
+    t2 = time.perf_counter()
+    vectors, ok_paths, failures = embedder.embed_files(images)
+    t3 = time.perf_counter()
+    rows = []
+    for path, vec in zip(ok_paths, vectors, strict=True):
+        hits = searcher.search(vec, k=k, method=method, rerank=rerank, qe=qe)
+        rows.append({"query": path, "results": [searcher.describe(h, r + 1) for r, h in enumerate(hits)]})
+    t4 = time.perf_counter()
+    if sheet:
+        save_png(contact_sheet(rows, _read_or_none), sheet, _write_bytes)
+    timings = {"open_s": t1 - t0, "load_model_s": t2 - t1, "embed_s": t3 - t2, "search_s": t4 - t3,
+               "queries": len(rows)}
+    fails = [{"query": f.path, "error": f.error, "message": f.message} for f in failures]
+    return rows, fails, timings
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        lines.append(f"query: {row['query']}")
+        lines.append(f"  {'rank':>4}  {'score':>7}  {'label':<16} image_id")
+        for r in row["results"]:
+            lines.append(f"  {r['rank']:>4}  {r['score']:>7.4f}  {str(r['label'] or '-'):<16} {r['image_id']}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    rows, failures, timings = run_query(
+        args.index, args.images, k=args.k, rerank=args.rerank, qe=args.qe, method=args.method,
+        version=args.version, weights_dir=args.weights_dir, sheet=args.sheet, verify=not args.no_verify,
+    )
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_table(rows))
+        print(f"{timings['queries']} queries: embed {timings['embed_s']:.2f}s, search {timings['search_s']*1e3:.1f} ms"
+              f" (index open {timings['open_s']:.2f}s, model load {timings['load_model_s']:.2f}s)")
+        if args.sheet:
+            print(f"contact sheet: {args.sheet}")
+    for f in failures:
+        print(f"could not read {f['query']}: {f['error']}: {f['message']}", file=sys.stderr)
+    return 1 if failures and not rows else 0

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up the pinned .venv (or reuses it) and runs the pytest suite.
+#   ./run_tests.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/ensure_venv.sh
+if [ -z "${CBIR_WEIGHTS_DIR:-}" ] && [ -d ../shared/models/keras ]; then
+  export CBIR_WEIGHTS_DIR="$(cd ../shared/models/keras && pwd)"
+fi
+export CBIR_OFFLINE="${CBIR_OFFLINE:-1}"
+ruff check .
+exec python -m pytest "$@"

@@ -1,0 +1,119 @@
+"""Image files → query vectors in the index's space: decode, backbone, transform_fn.
+
+The decode is the pipeline's own (models.imaging), the backbone is checked
+against the index's model fingerprint, and the transform is the saved
+tf.Transform graph, so a query is embedded exactly as the corpus was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+
+from models.backbone import Backbone, ModelSpec
+from models.imaging import DEFAULT_MAX_PIXELS, decode_and_resize
+
+log = logging.getLogger(__name__)
+
+
+class ModelMismatchError(ValueError):
+    """The query model is not the one the index was built with."""
+
+
+def spec_from_manifest(manifest: dict[str, Any], weights_dir: str | None = None, **overrides: Any) -> ModelSpec:
+    """The ModelSpec that reproduces the index's features (preset name, weights kind)."""
+    model = manifest["model"]
+    if model.get("preset") == "savedmodel":
+        name = "savedmodel:" + model["path"]
+        extra = {"signature": model["signature"], "output_key": model["output_key"],
+                 "input_size": model["input_size"]}
+    else:
+        name, extra = model["preset"], {}
+    weights = "random" if model.get("weights") == "random" else None
+    kwargs = {"name": name, "weights_dir": weights_dir, "weights": weights, **extra}
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelSpec(**kwargs)
+
+
+def check_same_model(spec: ModelSpec, manifest: dict[str, Any]) -> None:
+    expected = manifest["model_fingerprint"]
+    got = spec.fingerprint()
+    if got != expected:
+        ours = spec.describe()
+        theirs = manifest["model"]
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise ModelMismatchError(
+            f"the index was built with model {theirs.get('preset')} (fingerprint {expected}); the query model "
+            f"{spec.name} has fingerprint {got} (differs in: {', '.join(diff) or 'unknown'}). "
+            "Query with the index's model and weights, or rebuild the index."
+        )
+
+
+@dataclasses.dataclass
+class DecodeFailure:
+    path: str
+    error: str
+    message: str
+
+
+class Embedder:
+    """Loads the backbone once and the index's transform_fn; embeds batches of images."""
+
+    def __init__(self, version_dir: str, manifest: dict[str, Any], spec: ModelSpec,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        import tensorflow_transform as tft
+
+        check_same_model(spec, manifest)
+        self.spec = spec
+        self.backbone = Backbone(spec)
+        self.max_pixels = max_pixels
+        self._tft = tft.TFTransformOutput(version_dir)
+        self.dim = int(manifest["dimension"]["output"])
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        """Raw backbone features (n, D_in) → index space (n, D_out), L2-normalised."""
+        import tensorflow as tf
+
+        out = self._tft.transform_raw_features(
+            {"feature": tf.constant(np.asarray(features, dtype=np.float32))}, drop_unused_features=True
+        )
+        return out["feature"].numpy()
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return decode_and_resize(data, self.backbone.size, self.max_pixels).pixels
+
+    def embed_bytes(self, blobs: list[bytes]) -> tuple[np.ndarray, list[int], list[DecodeFailure]]:
+        """Embeds every decodable blob as one batch; returns (vectors, their indices, failures)."""
+        pixels, ok, failures = [], [], []
+        for i, data in enumerate(blobs):
+            try:
+                pixels.append(self.decode(data))
+                ok.append(i)
+            except Exception as exc:
+                failures.append(DecodeFailure(str(i), type(exc).__name__, str(exc)))
+        if not pixels:
+            return np.zeros((0, self.dim), np.float32), ok, failures
+        raw = self.backbone.predict(np.stack(pixels))
+        return self.transform(raw), ok, failures
+
+    def embed_files(self, paths: list[str]) -> tuple[np.ndarray, list[str], list[DecodeFailure]]:
+        blobs = []
+        for p in paths:
+            with open(p, "rb") as f:
+                blobs.append(f.read())
+        vectors, ok, failures = self.embed_bytes(blobs)
+        for fail in failures:
+            fail.path = paths[int(fail.path)]
+        return vectors, [paths[i] for i in ok], failures
+
+
+def open_embedder(version_dir: str, manifest: dict[str, Any], weights_dir: str | None = None,
+                  model: str | None = None, precision: str | None = None) -> Embedder:
+    spec = spec_from_manifest(manifest, weights_dir, precision=precision)
+    if model and model != spec.name:
+        spec = dataclasses.replace(spec, name=model)
+    return Embedder(version_dir, manifest, spec)
+
