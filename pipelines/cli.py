@@ -7,7 +7,7 @@ options (``--runner``, ``--project``, ``--temp_location``, ``--direct_num_worker
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import os
 import sys
@@ -15,6 +15,13 @@ import sys
 from models.presets import PRESETS
 
 log = logging.getLogger("cbir")
+
+PLUGIN_COMMANDS = (
+    "pipelines.shard",
+    "pipelines.neighbors",
+    "pipelines.evaluate",
+    "pipelines.export_model",
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -71,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--version", default=None, help="index version (default: LATEST)")
     q.add_argument("--no-verify", action="store_true", help="check file sizes only, not digests")
     q.add_argument("--weights-dir", default=None)
+
+    # Further subcommands live in their own modules: each exposes
+    # register(subparsers) -> parser, and sets `run(args, beam_args) -> int` and `beam`
+    # (whether unknown arguments are Beam pipeline options) as parser defaults.
+    for module_name in PLUGIN_COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(sub)
     return parser
 
 
@@ -146,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     beam_commands = {"extract": _extract, "index": _index}
     if args.command in beam_commands:
         return beam_commands[args.command](args, extra)
+    if hasattr(args, "run"):
+        if extra and not getattr(args, "beam", False):
+            parser.error(f"unrecognised arguments: {' '.join(extra)}")
+        return args.run(args, extra)
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     if args.command == "query":
@@ -154,10 +177,6 @@ def main(argv: list[str] | None = None) -> int:
         return query.main(args)
     parser.error(f"unknown command {args.command}")
     return 2
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)
 
 
 if __name__ == "__main__":
