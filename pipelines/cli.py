@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--full-decode", action="store_true", help="never decode JPEG at reduced scale")
     ex.add_argument("--max-failure-fraction", type=float, default=None,
                     help="exit non-zero (after writing outputs) when more than this fraction failed")
+    ex.add_argument("--previous", default=None,
+                    help="an earlier extract output: unchanged images (same sha256 and model) are copied")
 
     ix = sub.add_parser("index", help="features → sharded Annoy + LSH index version")
     ix.add_argument("--features", required=True, help="an extract output folder")
@@ -114,6 +116,7 @@ def _extract(args, beam_args: list[str]) -> int:
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
         reduced_decode=not args.full_decode,
         max_failure_fraction=args.max_failure_fraction,
+        previous=args.previous,
     )
     try:
         manifest = extract.run(cfg, beam_args)
@@ -128,6 +131,9 @@ def print_extract_summary(m: dict) -> None:
     c = m["counts"]
     print(f"extract: read {c['read']}, ok {c['ok']}, failed {c['failed']} in {m['elapsed_seconds']:.1f}s "
           f"({m['images_per_second'] or 0:.1f} images/s), model {m['model'].get('preset')} {m['dimension']}-d")
+    reused = m.get("metrics", {}).get("reused")
+    if reused is not None:
+        print(f"  reused {reused} features from the previous run, extracted {m['metrics'].get('to_extract', 0)}")
     for reason, n in list(m.get("failures_by_reason", {}).items())[:10]:
         print(f"  failed {n:>6}  {reason}")
 

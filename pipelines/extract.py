@@ -28,6 +28,7 @@ from models.backbone import ModelSpec
 from models.imaging import DEFAULT_MAX_PIXELS
 from transforms import features_io, fsutil
 from transforms.decode import DecodeFn
+from transforms.incremental import ReuseFeatures, reusable
 from transforms.inference import BatchingOptions, ExtractFeatures
 from transforms.progress import LogProgressFn
 from transforms.records import FAILURES_TAG
@@ -53,22 +54,31 @@ class ExtractConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     reduced_decode: bool = True
     max_failure_fraction: float | None = None
+    previous: str | None = None  # an earlier extract output whose features may be reused
 
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def build(p: beam.Pipeline, cfg: ExtractConfig, spec: InputSpec, staging: str) -> None:
+def build(
+    p: beam.Pipeline, cfg: ExtractConfig, spec: InputSpec, staging: str, previous_files: list[str] | None = None
+) -> None:
     """Composes the extract graph; separate from ``run`` so tests can inspect it."""
     read = p | "Read" >> ReadImages(spec)
-    decoded = read.records | "Decode" >> beam.ParDo(
+    records = read.records
+    reused = None
+    if previous_files:
+        records, reused = records | "Reuse" >> ReuseFeatures(previous_files, cfg.feature_dtype)
+    decoded = records | "Decode" >> beam.ParDo(
         DecodeFn(cfg.model.size(), cfg.max_pixels, cfg.reduced_decode)
     ).with_outputs(FAILURES_TAG, main="images")
     rows, inference_failures = decoded.images | "Extract" >> ExtractFeatures(
         cfg.model, cfg.batching, cfg.feature_dtype
     )
     dim = _feature_dim(cfg.model)
+    if reused is not None:
+        rows = (rows, reused) | "WithReused" >> beam.Flatten()
     (
         rows
         | "Progress" >> beam.ParDo(LogProgressFn("features"))
@@ -96,19 +106,34 @@ def run(cfg: ExtractConfig, beam_args: list[str] | None = None) -> dict[str, Any
     spec = InputSpec.parse(cfg.input)
     spec.check_not_empty()
     model_desc = cfg.model.describe()  # resolves weights here: a missing file fails before any work
+    previous_files = _reusable_files(cfg)
     run_id = new_run_id()
     staging = fsutil.join(cfg.output, "_staging", run_id)
     started = time.time()
     options = PipelineOptions(beam_args or [])
     log.info("extract %s -> %s with %s (run %s)", cfg.input, cfg.output, cfg.model.name, run_id)
     p = beam.Pipeline(options=options)
-    build(p, cfg, spec, staging)
+    build(p, cfg, spec, staging, previous_files)
     result = p.run()
     result.wait_until_finish()
     elapsed = time.time() - started
     manifest = publish(cfg, run_id, staging, model_desc, elapsed, result)
     _check_failure_fraction(manifest, cfg.max_failure_fraction)
     return manifest
+
+
+def _reusable_files(cfg: ExtractConfig) -> list[str]:
+    """Feature files of ``--previous`` when its vectors are interchangeable with this run's."""
+    if not cfg.previous:
+        return []
+    previous = read_manifest(cfg.previous)
+    why_not = reusable(previous, cfg.model.fingerprint(), cfg.feature_dtype, cfg.model.precision)
+    if why_not:
+        log.warning("not reusing %s: %s; extracting everything", cfg.previous, why_not)
+        return []
+    files = feature_files(cfg.previous, previous)
+    log.info("reusing features of %s (%d rows) for unchanged images", cfg.previous, previous["counts"]["ok"])
+    return files
 
 
 def _stage_files(staging: str, kind: str) -> list[str]:
@@ -175,15 +200,21 @@ def _previous_files(output: str) -> list[str]:
     return found
 
 
-def _counters(result: Any) -> dict[str, int]:
+def _counters(result: Any) -> dict[str, Any]:
+    """Our counters and RunInference's own metrics (batch sizes, latencies), as the runner reports them."""
     try:
-        counters = result.metrics().query()["counters"]
+        metrics = result.metrics().query()
     except Exception:  # some runners expose no metrics to the launcher
         return {}
-    out: dict[str, int] = {}
-    for c in counters:
+    out: dict[str, Any] = {}
+    for c in metrics["counters"]:
         if c.key.metric.namespace in ("cbir", "cbir_inference"):
             out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
+    for d in metrics["distributions"]:
+        if d.key.metric.namespace in ("cbir", "cbir_inference"):
+            v = d.committed or d.attempted
+            if v is not None and v.count:
+                out[d.key.metric.name] = {"count": v.count, "min": v.min, "max": v.max, "mean": round(v.mean, 3)}
     return dict(sorted(out.items()))
 
 
