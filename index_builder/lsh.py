@@ -2,13 +2,17 @@
 
 A B-bit code is the sign pattern of a vector against B seeded Gaussian
 hyperplanes; the Hamming distance between two codes estimates the angle between
-the vectors. MIH (Norouzi et al.) splits each code into m = B/16 substrings and
-keeps one table per substring: any code within Hamming radius r of the query
-agrees with it on at least one substring up to radius floor(r/m), so probing
-the few 16-bit values near each query substring finds every candidate within r
-without scanning the corpus.
+the vectors (P[bit differs] = angle / pi). MIH (Norouzi, Punjani and Fleet, 2012)
+splits each code into m = B/16 substrings and keeps one table per substring. By
+the pigeonhole principle, a code within Hamming radius r of the query agrees
+with it on at least one substring up to radius floor(r/m), so probing the few
+16-bit values near each query substring finds every code within r without
+scanning the corpus; :func:`radius_search` then filters the candidates by their
+full Hamming distance.
 
-Tables are CSR arrays (``offsets`` of length 2**16 + 1 and ``ids`` sorted by
+Codes are packed with ``np.packbits`` (big-endian bit order within a byte), so
+bit i of a code is hyperplane i and substring j is bytes 2j and 2j+1. Tables are
+CSR arrays (``offsets`` of length 2**16 + 1 per table and ``ids`` sorted by
 substring value), stored as ``.npy`` so a shard is data, never code.
 """
 
@@ -22,24 +26,37 @@ import numpy as np
 
 SUBSTRING_BITS = 16
 SUPPORTED_BITS = (64, 128, 256)
+_BUCKETS = 1 << SUBSTRING_BITS
 
 
 def hyperplanes(dim: int, bits: int, seed: int) -> np.ndarray:
-    """(dim, bits) float32 Gaussian matrix; stored with the index so queries hash alike."""
-    if bits % SUBSTRING_BITS:
-        raise ValueError(f"--lsh-bits must be a multiple of {SUBSTRING_BITS}, one of {SUPPORTED_BITS}")
+    """(dim, bits) float32 Gaussian matrix; stored with the index so that queries hash alike.
+
+    Gaussian (not uniform) entries make the hyperplane normals isotropic, which is
+    what makes P[bit differs] depend on the angle alone.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"--lsh-bits must be one of {SUPPORTED_BITS}, not {bits}")
+    if dim < 1:
+        raise ValueError(f"dimension must be positive, not {dim}")
     return np.random.default_rng(seed).standard_normal((dim, bits)).astype(np.float32)
 
 
 def encode(vectors: np.ndarray, planes: np.ndarray) -> np.ndarray:
     """Packs sign bits: (n, dim) → (n, bits/8) uint8, big-endian bit order within each byte."""
-    bits = np.asarray(vectors, dtype=np.float32) @ planes > 0
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != planes.shape[0]:
+        raise ValueError(f"vectors of shape {vectors.shape} do not match hyperplanes {planes.shape}")
+    bits = vectors @ planes > 0
     return np.packbits(bits, axis=1)
 
 
 def as_words(codes: np.ndarray) -> np.ndarray:
-    """(n, bytes) uint8 → (n, bytes/8) uint64 for popcount."""
-    return np.ascontiguousarray(codes).view(np.uint64)
+    """(n, bytes) uint8 → (n, bytes/8) uint64, so popcount runs on 64 bits at a time."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if codes.shape[-1] % 8:
+        raise ValueError(f"codes of {codes.shape[-1]} bytes are not a whole number of 64-bit words")
+    return codes.view(np.uint64)
 
 
 def hamming(query_words: np.ndarray, code_words: np.ndarray) -> np.ndarray:
@@ -47,11 +64,22 @@ def hamming(query_words: np.ndarray, code_words: np.ndarray) -> np.ndarray:
     return np.bitwise_count(code_words ^ query_words[None, :]).sum(axis=1, dtype=np.int32)
 
 
+def hamming_codes(query_code: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Hamming distance of one packed code (bytes,) to each of (n, bytes) packed codes."""
+    return hamming(as_words(query_code.reshape(1, -1))[0], as_words(codes))
+
+
 def substrings(codes: np.ndarray) -> np.ndarray:
     """(n, bytes) uint8 → (n, m) uint16 substring values (m = bits / 16)."""
+    codes = np.asarray(codes, dtype=np.uint8)
     n, nbytes = codes.shape
     pairs = codes.reshape(n, nbytes // 2, 2).astype(np.uint16)
     return (pairs[:, :, 0] << 8) | pairs[:, :, 1]
+
+
+def guaranteed_radius(bits: int, substring_radius: int) -> int:
+    """The largest full Hamming radius a probe at ``substring_radius`` is sure to cover."""
+    return (bits // SUBSTRING_BITS) * (substring_radius + 1) - 1
 
 
 @dataclasses.dataclass
@@ -63,38 +91,70 @@ class MIHTables:
     def build(cls, codes: np.ndarray) -> MIHTables:
         subs = substrings(codes)
         n, m = subs.shape
-        offsets = np.zeros((m, (1 << SUBSTRING_BITS) + 1), dtype=np.int32 if n < 2**31 else np.int64)
+        offsets = np.zeros((m, _BUCKETS + 1), dtype=np.int32 if n < 2**31 else np.int64)
         ids = np.zeros((m, n), dtype=np.int32)
         for j in range(m):
-            order = np.argsort(subs[:, j], kind="stable")
-            ids[j] = order
-            counts = np.bincount(subs[:, j], minlength=1 << SUBSTRING_BITS)
-            offsets[j, 1:] = np.cumsum(counts)
+            # stable sort: ids inside a bucket stay ascending, so the tables are deterministic
+            ids[j] = np.argsort(subs[:, j], kind="stable")
+            offsets[j, 1:] = np.cumsum(np.bincount(subs[:, j], minlength=_BUCKETS))
         return cls(offsets, ids)
 
+    @property
+    def size(self) -> int:
+        return int(self.ids.shape[1])
+
     def probe(self, query_code: np.ndarray, substring_radius: int) -> np.ndarray:
-        """Ids whose code agrees with the query on some substring within the radius."""
-        qsubs = substrings(query_code.reshape(1, -1))[0]
-        masks = _flip_masks(substring_radius)
-        found = []
-        for j, value in enumerate(qsubs):
-            keys = np.bitwise_xor(masks, value)
-            starts, ends = self.offsets[j, keys], self.offsets[j, keys + 1]
-            for s, e in zip(starts[ends > starts], ends[ends > starts], strict=True):
-                found.append(self.ids[j, s:e])
-        if not found:
+        """Sorted unique ids whose code agrees with the query on some substring within the radius.
+
+        Vectorised over every (table, bucket) pair: at a million items nearly every
+        probed bucket is non-empty, and a Python loop over them cost more than the
+        Hamming ranking that follows.
+        """
+        qsubs = substrings(query_code.reshape(1, -1))[0].astype(np.int64)
+        m = len(qsubs)
+        keys = np.bitwise_xor(_flip_masks(substring_radius)[None, :], qsubs[:, None])  # (m, masks)
+        rows = np.arange(m)[:, None]
+        starts = self.offsets[rows, keys].astype(np.int64).reshape(-1)
+        lengths = self.offsets[rows, keys + 1].astype(np.int64).reshape(-1) - starts
+        starts += np.repeat(np.arange(m, dtype=np.int64) * self.size, keys.shape[1])  # into the flat ids
+        total = int(lengths.sum())
+        if total == 0:
             return np.zeros(0, dtype=np.int32)
-        return np.unique(np.concatenate(found))
+        # positions start_i .. start_i + len_i - 1 of every bucket, concatenated without a loop
+        run_starts = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
+        flat = np.asarray(self.ids).reshape(-1)
+        return np.unique(flat[run_starts + np.arange(total)])
 
 
 @lru_cache(maxsize=8)
 def _flip_masks(radius: int) -> np.ndarray:
-    """All 16-bit masks with at most ``radius`` bits set."""
+    """All 16-bit masks with at most ``radius`` bits set (137 at radius 2, 697 at radius 3)."""
+    if not 0 <= radius <= SUBSTRING_BITS:
+        raise ValueError(f"substring radius must be within 0..{SUBSTRING_BITS}, not {radius}")
     masks = [0]
     for r in range(1, radius + 1):
         for positions in itertools.combinations(range(SUBSTRING_BITS), r):
             masks.append(sum(1 << p for p in positions))
     return np.asarray(masks, dtype=np.int64)
+
+
+def radius_search(
+    query_code: np.ndarray, codes: np.ndarray, tables: MIHTables, radius: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every id within Hamming ``radius`` of the query (exact), nearest first: (ids, distances).
+
+    Probes each table at floor(radius / m), which the pigeonhole argument makes
+    sufficient, then keeps the candidates whose full distance is within the radius.
+    """
+    m = codes.shape[1] * 8 // SUBSTRING_BITS
+    cand = tables.probe(query_code, min(radius // m, SUBSTRING_BITS))
+    if len(cand) == 0:
+        return cand, np.zeros(0, dtype=np.int32)
+    dist = hamming_codes(query_code, codes[cand])
+    keep = dist <= radius
+    cand, dist = cand[keep], dist[keep]
+    order = np.lexsort((cand, dist))
+    return cand[order], dist[order]
 
 
 def search(
@@ -107,9 +167,10 @@ def search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Candidates by growing MIH radius, ranked by Hamming distance.
 
-    Widens the per-substring radius until at least ``min_candidates`` ids are found
-    (or the limit is hit), then returns the ``min_candidates`` nearest in Hamming
-    distance (ids, distances). Callers re-rank them exactly to get the top k.
+    Widens the per-substring radius until at least ``max(k, min_candidates)`` ids
+    are found (or ``max_substring_radius`` is reached), then returns that many
+    nearest in Hamming distance, ties broken by id (ids, distances). Hamming
+    distances are coarse (B + 1 values), so callers re-rank them exactly.
     """
     want = max(k, min_candidates)
     cand = np.zeros(0, dtype=np.int32)
@@ -119,8 +180,12 @@ def search(
             break
     if len(cand) == 0:
         return cand, np.zeros(0, dtype=np.int32)
-    dist = hamming(as_words(query_code.reshape(1, -1))[0], as_words(codes[cand]))
+    dist = hamming_codes(query_code, codes[cand])
     take = min(want, len(cand))
-    part = np.argpartition(dist, take - 1)[:take]
-    order = part[np.lexsort((cand[part], dist[part]))]
+    # the take nearest by (distance, id): all below the take-th distance, then the lowest ids at it
+    cut = np.partition(dist, take - 1)[take - 1]
+    inside = np.flatnonzero(dist < cut)
+    at_cut = np.flatnonzero(dist == cut)
+    chosen = np.concatenate([inside, at_cut[np.argsort(cand[at_cut], kind="stable")][: take - len(inside)]])
+    order = chosen[np.lexsort((cand[chosen], dist[chosen]))]
     return cand[order], dist[order]
