@@ -10,6 +10,18 @@ from apache_beam.metrics import Metrics
 from models.imaging import DEFAULT_MAX_PIXELS, decode_and_resize
 from transforms.records import FAILURES_TAG, ImageMeta, ImageRecord, failure
 
+NAMESPACE = "cbir"
+
+
+def count_failure(stage: str, error: str, n: int = 1) -> None:
+    """Counters ``failed_<stage>`` and ``failed_<stage>_<ErrorClass>``.
+
+    One naming scheme for every stage, so a monitoring page can sum failures by stage
+    or break them down by cause without knowing which DoFn produced them.
+    """
+    Metrics.counter(NAMESPACE, f"failed_{stage}").inc(n)
+    Metrics.counter(NAMESPACE, f"failed_{stage}_{error}").inc(n)
+
 
 class DecodeFn(beam.DoFn):
     """``ImageRecord`` → ``(ImageMeta, uint8 pixels)``; failures to the tagged output.
@@ -22,21 +34,20 @@ class DecodeFn(beam.DoFn):
         self._size = size
         self._max_pixels = max_pixels
         self._reduced = reduced_decode
-        self._ok = Metrics.counter("cbir", "decoded")
-        self._failed = Metrics.counter("cbir", "failed_decode")
-        self._reduced_count = Metrics.counter("cbir", "decoded_reduced_scale")
-        self._pixels = Metrics.distribution("cbir", "source_megapixels_x1000")
+        self._ok = Metrics.counter(NAMESPACE, "decoded")
+        self._reduced_count = Metrics.counter(NAMESPACE, "decoded_reduced_scale")
+        self._pixels = Metrics.distribution(NAMESPACE, "source_megapixels_x1000")
 
     def process(self, record: ImageRecord):
         sha = hashlib.sha256(record.data).hexdigest()
         try:
             img = decode_and_resize(record.data, self._size, self._max_pixels, self._reduced)
         except Exception as exc:  # every decoder error is data, not a crash
-            self._failed.inc()
-            Metrics.counter("cbir", f"failed_decode_{type(exc).__name__}").inc()
+            count_failure("decode", type(exc).__name__)
             yield beam.pvalue.TaggedOutput(FAILURES_TAG, failure(record.image_id, record.uri, "decode", exc))
             return
         self._ok.inc()
+        Metrics.counter(NAMESPACE, f"decoded_{img.format.lower()}").inc()
         if img.reduced_scale > 1:
             self._reduced_count.inc()
         self._pixels.update(img.width * img.height // 1000)
