@@ -21,6 +21,8 @@ PLUGIN_COMMANDS = (
     "pipelines.neighbors",
     "pipelines.evaluate",
     "pipelines.export_model",
+    "pipelines.autoencode",
+    "pipelines.inspect",
 )
 
 
@@ -80,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--version", default=None, help="index version (default: LATEST)")
     q.add_argument("--no-verify", action="store_true", help="check file sizes only, not digests")
     q.add_argument("--weights-dir", default=None)
+    q.add_argument("--serving", default=None, metavar="HOST:PORT",
+                   help="embed the queries with TensorFlow Serving (cbir export-model) instead of the local model")
+    q.add_argument("--serving-protocol", choices=("grpc", "rest"), default="grpc",
+                   help="grpc (TF Serving port 8500) or rest (port 8501)")
+    q.add_argument("--serving-model", default="cbir", help="the model name TF Serving serves it under")
+    q.add_argument("--serving-signature", default="serving_default",
+                   help="serving_default (transform applied here) or transformed (exported with --index)")
 
     # Further subcommands live in their own modules: each exposes
     # register(subparsers) -> parser, and sets `run(args, beam_args) -> int` and `beam`

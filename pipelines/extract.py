@@ -158,26 +158,7 @@ def _stage_files(staging: str, kind: str) -> list[str]:
 def publish(
     cfg: ExtractConfig, run_id: str, staging: str, model_desc: dict[str, Any], elapsed: float, result: Any
 ) -> dict[str, Any]:
-    files: dict[str, list[dict[str, Any]]] = {}
-    counts = {"ok": 0, "failed": 0}
-    failure_reasons: Counter[str] = Counter()
-    moves_from, moves_to = [], []
-    for kind, count_key in (("features", "ok"), ("failures", "failed")):
-        files[kind] = []
-        for src in _stage_files(staging, kind):
-            name = src.rsplit("/", 1)[-1].replace("part-", f"part-{run_id}-", 1)
-            rows = features_io.count_rows(src)
-            counts[count_key] += rows
-            files[kind].append({"path": f"{kind}/{name}", "rows": rows})
-            moves_from.append(src)
-            moves_to.append(fsutil.join(cfg.output, kind, name))
-            if kind == "failures" and rows:
-                table = features_io.read_table(src, ["stage", "error"])
-                for stage, error in zip(table.column("stage").to_pylist(), table.column("error").to_pylist(),
-                                        strict=True):
-                    failure_reasons[f"{stage}:{error}"] += 1
-    counts["read"] = counts["ok"] + counts["failed"]
-    fsutil.move(moves_from, moves_to)
+    files, counts, failure_reasons = move_staged_parts(cfg.output, run_id, staging)
     manifest = {
         "kind": "features",
         "format_version": FORMAT_VERSION,
@@ -191,19 +172,57 @@ def publish(
         "feature_dtype": cfg.feature_dtype,
         "precision": cfg.model.precision,
         "counts": counts,
-        "failures_by_reason": dict(failure_reasons.most_common()),
+        "failures_by_reason": failure_reasons,
         "elapsed_seconds": round(elapsed, 3),
         "images_per_second": round(counts["read"] / elapsed, 2) if elapsed > 0 else None,
         "metrics": _counters(result),
         "options": _options(cfg),
         "files": files,
     }
-    old = _previous_files(cfg.output)
-    fsutil.write_json_atomic(fsutil.join(cfg.output, MANIFEST), manifest)  # the commit point
-    keep = {f["path"] for kind in files.values() for f in kind}
-    fsutil.delete_quietly([fsutil.join(cfg.output, p) for p in old if p not in keep])
-    fsutil.delete_tree(staging)
+    commit(cfg.output, manifest, staging)
     return manifest
+
+
+def move_staged_parts(
+    output: str, run_id: str, staging: str
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], dict[str, int]]:
+    """Moves a run's staged parts in under run-specific names; returns (files, counts, failure reasons).
+
+    Old parts stay until :func:`commit`, so the previous manifest stays valid meanwhile.
+    """
+    files: dict[str, list[dict[str, Any]]] = {}
+    counts = {"ok": 0, "failed": 0}
+    failure_reasons: Counter[str] = Counter()
+    moves_from, moves_to = [], []
+    for kind, count_key in (("features", "ok"), ("failures", "failed")):
+        files[kind] = []
+        for src in _stage_files(staging, kind):
+            name = src.rsplit("/", 1)[-1].replace("part-", f"part-{run_id}-", 1)
+            rows = features_io.count_rows(src)
+            counts[count_key] += rows
+            files[kind].append({"path": f"{kind}/{name}", "rows": rows})
+            moves_from.append(src)
+            moves_to.append(fsutil.join(output, kind, name))
+            if kind == "failures" and rows:
+                table = features_io.read_table(src, ["stage", "error"])
+                for stage, error in zip(table.column("stage").to_pylist(), table.column("error").to_pylist(),
+                                        strict=True):
+                    failure_reasons[f"{stage}:{error}"] += 1
+    counts["read"] = counts["ok"] + counts["failed"]
+    fsutil.move(moves_from, moves_to)
+    return files, counts, dict(failure_reasons.most_common())
+
+
+def commit(output: str, manifest: dict[str, Any], staging: str) -> None:
+    """Replaces the manifest atomically (the commit point), then deletes parts it does not list."""
+    old = _previous_files(output)
+    fsutil.write_json_atomic(fsutil.join(output, MANIFEST), manifest)
+    keep = {f["path"] for kind in manifest["files"].values() for f in kind}
+    fsutil.delete_quietly([fsutil.join(output, p) for p in old if p not in keep])
+    fsutil.delete_tree(staging)
+    staging_root = staging.rsplit("/", 1)[0]
+    if not fsutil.match(fsutil.join(staging_root, "*")):
+        fsutil.delete_tree(staging_root)
 
 
 def _previous_files(output: str) -> list[str]:

@@ -1,0 +1,171 @@
+"""``cbir autoencode``: learn compact descriptors and rewrite a feature set with them.
+
+1. trains an autoencoder (denoising with ``--noise``/``--mask``) on a sample of the
+   features on the launcher;
+2. exports the encoder as a SavedModel under ``<out>/encoder/``;
+3. a Beam job encodes every feature row and writes ``<out>/features`` in the usual
+   layout and schema, so ``cbir index --features <out>`` indexes the codes.
+
+The output manifest keeps the backbone description and adds the encoder's, and its
+model fingerprint covers both, so an index of codes is never mixed with raw features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from models import autoencoder
+from models.presets import fingerprint
+from models.weights import file_digest
+from pipelines.extract import FORMAT_VERSION, commit, feature_files, move_staged_parts, new_run_id, read_manifest
+from transforms import features_io, fsutil
+from transforms.records import FeatureRow, ImageMeta
+
+log = logging.getLogger(__name__)
+
+
+class EncodeTableFn(beam.DoFn):
+    """Arrow feature table → FeatureRows of codes; the encoder loads once per worker."""
+
+    def __init__(self, encoder_dir: str):
+        self._dir = encoder_dir
+        self._rows = Metrics.counter("cbir", "encoded")
+
+    def setup(self):
+        self._local = _localise(self._dir)
+        self._encode = autoencoder.load_encoder(self._local)
+
+    def process(self, table):
+        codes = self._encode(features_io.feature_matrix(table))
+        cols = {c: table.column(c).to_pylist() for c in ("image_id", "uri", "label", "sha256", "width", "height")}
+        for i in range(table.num_rows):
+            meta = ImageMeta(cols["image_id"][i], cols["uri"][i], cols["label"][i], cols["sha256"][i],
+                             cols["width"][i], cols["height"][i])
+            yield FeatureRow(meta, codes[i].astype(np.float32))
+        self._rows.inc(table.num_rows)
+
+
+def _localise(path: str) -> str:
+    """SavedModels load from local disk; copy a remote encoder folder to a temporary one."""
+    if "://" not in path:
+        return path
+    local = tempfile.mkdtemp(prefix="cbir-encoder-")
+    for src in fsutil.match(fsutil.join(path, "**")):
+        dest = os.path.join(local, src[len(path) + 1:])
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest, "wb") as f:
+            f.write(fsutil.read_bytes(src))
+    return local
+
+
+def _load_sample(files: list[str], limit: int, seed: int) -> np.ndarray:
+    tables = features_io.iter_tables(files, ["feature"])
+    x = np.concatenate([features_io.feature_matrix(t) for t in tables])
+    if len(x) > limit:
+        x = x[np.random.default_rng(seed).choice(len(x), limit, replace=False)]
+    return x
+
+
+def run(features: str, output: str, cfg: autoencoder.AutoencoderConfig, train_sample: int = 200_000,
+        beam_args: list[str] | None = None) -> dict[str, Any]:
+    source = read_manifest(features)
+    files = feature_files(features, source)
+    started = time.time()
+    x = _load_sample(files, train_sample, cfg.seed)
+    trained = autoencoder.train(x, cfg)
+    run_id = new_run_id()
+    staging = fsutil.join(output, "_staging", run_id)
+    local = tempfile.mkdtemp(prefix="cbir-encoder-")
+    try:
+        autoencoder.export(trained, local, {"source_fingerprint": source["model_fingerprint"]})
+        encoder_digest = file_digest(os.path.join(local, "saved_model.pb"))
+        encoder_dir = fsutil.join(staging, "encoder")
+        for root, _, names in os.walk(local):
+            for name in names:
+                rel = os.path.relpath(os.path.join(root, name), local)
+                with open(os.path.join(root, name), "rb") as f:
+                    fsutil.write_bytes_atomic(fsutil.join(encoder_dir, rel), f.read())
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    p = beam.Pipeline(options=PipelineOptions(beam_args or []))
+    (
+        p
+        | "Files" >> beam.Create(files)
+        | "Read" >> beam.io.ReadAllFromParquetBatched()
+        | "Encode" >> beam.ParDo(EncodeTableFn(encoder_dir))
+        | "Write" >> features_io.WriteFeatureParquet(fsutil.join(staging, "features", "part"),
+                                                     features_io.feature_schema(cfg.code_dim))
+    )
+    p.run().wait_until_finish()
+    # The encoder replaces any earlier one only at the commit, like the parts.
+    final_encoder = fsutil.join(output, "encoder", run_id)
+    sources = fsutil.match(fsutil.join(encoder_dir, "**"))
+    fsutil.move(sources, [fsutil.join(final_encoder, s[len(encoder_dir) + 1:]) for s in sources])
+    parts, counts, _ = move_staged_parts(output, run_id, staging)
+    parts = {"features": parts["features"], "failures": []}
+    counts = {"read": counts["ok"], "ok": counts["ok"], "failed": 0}
+    encoder_desc = {"kind": "denoising_autoencoder" if cfg.denoising else "autoencoder",
+                    "config": dataclasses.asdict(cfg), "saved_model_digest": encoder_digest,
+                    "path": final_encoder, "val_loss": min(trained.history["val_loss"])}
+    model = {**source["model"], "encoder": encoder_desc}
+    manifest = {
+        **{k: source[k] for k in ("input_size", "preprocessing", "precision") if k in source},
+        "kind": "features",
+        "format_version": FORMAT_VERSION,
+        "run_id": run_id,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": model,
+        "model_fingerprint": fingerprint({"source": source["model_fingerprint"], "encoder": encoder_digest}),
+        "source_features": features,
+        "dimension": cfg.code_dim,
+        "feature_dtype": "float32",
+        "counts": counts,
+        "failures_by_reason": {},
+        "elapsed_seconds": round(time.time() - started, 3),
+        "files": parts,
+    }
+    commit(output, manifest, staging)
+    for old in fsutil.match(fsutil.join(output, "encoder", "*", "saved_model.pb")):
+        folder = old.rsplit("/", 1)[0]
+        if folder != final_encoder:
+            fsutil.delete_tree(folder)
+    return manifest
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("autoencode", help="learn compact (optionally denoising) codes and rewrite features")
+    p.add_argument("--features", required=True, help="an extract output folder")
+    p.add_argument("--output", required=True)
+    p.add_argument("--code-dim", type=int, default=64)
+    p.add_argument("--hidden", default="512", help="comma-separated hidden widths")
+    p.add_argument("--noise", type=float, default=0.0, help="denoising: Gaussian noise stddev on the input")
+    p.add_argument("--mask", type=float, default=0.0, help="denoising: fraction of input dims zeroed")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--train-sample", type=int, default=200_000)
+    p.add_argument("--seed", type=int, default=1234)
+    p.set_defaults(run=_main, beam=True)
+    return p
+
+
+def _main(args, beam_args: list[str]) -> int:
+    cfg = autoencoder.AutoencoderConfig(
+        code_dim=args.code_dim, hidden=tuple(int(h) for h in args.hidden.split(",") if h),
+        noise_stddev=args.noise, mask_fraction=args.mask, epochs=args.epochs, seed=args.seed,
+    )
+    m = run(args.features, args.output, cfg, args.train_sample, beam_args)
+    enc = m["model"]["encoder"]
+    print(f"autoencode: {m['counts']['ok']} rows → {m['dimension']}-d codes ({enc['kind']}, "
+          f"val loss {enc['val_loss']:.5f}) in {m['elapsed_seconds']:.1f}s; encoder {enc['path']}")
+    return 0
