@@ -39,6 +39,7 @@ def spec_from_manifest(manifest: dict[str, Any], weights_dir: str | None = None,
 
 
 def check_same_model(spec: ModelSpec, manifest: dict[str, Any]) -> None:
+    """Refuses a query model whose features are not interchangeable with the index's."""
     expected = manifest["model_fingerprint"]
     got = spec.fingerprint()
     if got != expected:
@@ -66,7 +67,12 @@ class Embedder:
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         import tensorflow_transform as tft
 
+        from serving.searcher import space_fingerprint
+
         check_same_model(spec, manifest)
+        self.version_dir = version_dir
+        # the vector space this embedder produces: a searcher on another version refuses it
+        self.space_fingerprint = space_fingerprint(manifest)
         self.spec = spec
         self.backbone = Backbone(spec)
         self.max_pixels = max_pixels
@@ -112,6 +118,8 @@ class Embedder:
 
 def open_embedder(version_dir: str, manifest: dict[str, Any], weights_dir: str | None = None,
                   model: str | None = None, precision: str | None = None) -> Embedder:
+    """An embedder for ``version_dir``: the index's own model unless ``model`` names another one,
+    which is then checked against the index's fingerprint (and refused when it differs)."""
     spec = spec_from_manifest(manifest, weights_dir, precision=precision)
     if model and model != spec.name:
         spec = dataclasses.replace(spec, name=model)
