@@ -1,0 +1,145 @@
+"""cbir evaluate: its figures equal a brute-force computation over the same stored vectors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipelines import cli
+from pipelines.evaluate import EvaluateConfig, format_markdown, run
+from serving import metrics
+from serving.searcher import Searcher
+
+K = 10
+
+
+@pytest.fixture(scope="module")
+def searcher(flowers_index):
+    with Searcher(str(flowers_index[0])) as s:
+        yield s
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def brute_force_labels(vectors: np.ndarray, labels: list[str], queries, qe: int = 0) -> dict[str, float]:
+    """The textbook definitions, one query at a time: full leave-one-out ranking, AP, P@k."""
+    aps, precision = [], {1: [], 5: [], 10: []}
+    for q in queries:
+        query = _unit(vectors[q])
+        for _ in range(2 if qe else 1):
+            sims = vectors @ query
+            sims[q] = -np.inf
+            order = [int(i) for i in np.argsort(-sims, kind="stable") if i != q]
+            query = _unit(query + vectors[order[:qe]].sum(axis=0)) if qe else query
+        relevant = [labels[i] == labels[q] for i in order]
+        n_relevant = sum(relevant)
+        hits, total = 0, 0.0
+        for rank, rel in enumerate(relevant, start=1):
+            if rel:
+                hits += 1
+                total += hits / rank
+        aps.append(total / n_relevant)
+        for k in precision:
+            precision[k].append(sum(relevant[:k]) / k)
+    return {"map": float(np.mean(aps)), **{f"p@{k}": float(np.mean(v)) for k, v in precision.items()}}
+
+
+def test_evaluate_equals_brute_force(searcher, flowers_index):
+    report = run(EvaluateConfig(index=str(flowers_index[0]), k=K, methods=("annoy", "lsh"), sample=300, seed=7))
+    queries = np.sort(np.random.default_rng(7).choice(searcher.size, 300, replace=False))
+    vectors = searcher.all_vectors()
+    expected = brute_force_labels(vectors, searcher.labels, queries)
+    assert report["queries"] == 300 and report["exact"]["queries"] == 300
+    for key, value in expected.items():
+        assert report["exact"][key] == pytest.approx(value, abs=1e-9), key
+    # recall@k: the per-query search path (search with exclude) against a full numpy sort
+    names = np.asarray(searcher.image_ids)
+    for method in ("annoy", "lsh"):
+        recalls = []
+        for q in queries:
+            sims = vectors @ _unit(vectors[q])
+            sims[q] = -np.inf
+            exact = set(np.lexsort((names, -sims))[:K].tolist())
+            hits = searcher.search(vectors[q], k=K, method=method, exclude=searcher.locate(int(q)))
+            recalls.append(len(exact & {searcher.global_id(h.shard, h.id) for h in hits}) / K)
+        assert report["methods"][method]["recall@k"] == pytest.approx(np.mean(recalls), abs=1e-12), method
+        assert report["methods"][method]["qps"] > 0
+    assert report["methods"]["exact"]["recall@k"] == 1.0
+    assert report["methods"]["annoy"]["recall@k"] > 0.9
+    # the exact lists' P@k are the full ranking's P@k (same ranking, truncated)
+    for k in (1, 5, 10):
+        assert report["methods"]["exact"][f"p@{k}"] == pytest.approx(expected[f"p@{k}"], abs=1e-9)
+    # precision–recall curve: a mean of interpolated precisions, non-increasing in recall
+    curve = report["pr_curve"]["exact"]
+    assert len(curve["recall"]) == 101 and curve["recall"][0] == 0 and curve["recall"][-1] == 1
+    assert np.all(np.diff(curve["precision"]) <= 1e-12)
+    assert curve["precision"][0] >= expected["p@1"]
+    assert "| mAP (full ranking) |" in format_markdown(report)
+
+
+def test_query_expansion_figures_equal_brute_force(searcher, flowers_index):
+    report = run(EvaluateConfig(index=str(flowers_index[0]), k=K, methods=(), qe=2, sample=150, seed=3))
+    queries = np.sort(np.random.default_rng(3).choice(searcher.size, 150, replace=False))
+    expected = brute_force_labels(searcher.all_vectors(), searcher.labels, queries, qe=2)
+    for key, value in expected.items():
+        assert report["exact_qe"][key] == pytest.approx(value, abs=1e-9), key
+    assert set(report["pr_curve"]) == {"exact", "exact_qe2"}
+
+
+def test_metric_definitions_on_hand_made_rankings():
+    rel = np.array([[True, False, True, False], [False, False, False, False], [False, True, True, True]])
+    ap = metrics.average_precision(rel, np.array([2, 0, 5]))
+    assert ap[0] == pytest.approx((1 + 2 / 3) / 2)
+    assert np.isnan(ap[1])  # no relevant item: undefined, skipped by the callers
+    assert ap[2] == pytest.approx((1 / 2 + 2 / 3 + 3 / 4) / 4)  # truncated at 4 of 5 relevant: / min(R, L)
+    assert metrics.precision_at(rel, 2).tolist() == [0.5, 0.0, 0.5]
+    assert metrics.precision_at(rel[:, :1], 2).tolist() == [0.5, 0.0, 0.0]
+    curve = metrics.interpolated_pr(rel[:1], np.array([2]), np.array([0.0, 0.5, 0.6, 1.0]))
+    assert curve.tolist() == [[1.0, 1.0, pytest.approx(2 / 3), pytest.approx(2 / 3)]]
+    assert metrics.recall_at_k(np.array([[1, 2, 3], [4, -1, -1]]), np.array([[3, 2, 9], [5, 6, 7]])).tolist() == \
+        [pytest.approx(2 / 3), 0.0]
+
+
+def test_unlabelled_items_are_left_out():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((40, 8)).astype(np.float32)
+    labels = [str(i % 3) for i in range(40)]
+    partial = [None if i % 7 == 0 else lab for i, lab in enumerate(labels)]
+    keep = [i for i, lab in enumerate(partial) if lab is not None]
+    with_none = metrics.label_metrics(vectors, partial)
+    subset = metrics.label_metrics(vectors[keep], [partial[i] for i in keep])
+    assert with_none["skipped_unlabelled"] == 0 and with_none["queries"] == len(keep)
+    for key in ("map", "p@1", "p@5", "p@10"):
+        assert with_none[key] == pytest.approx(subset[key])
+    queried = metrics.label_metrics(vectors, partial, queries=np.arange(40))
+    assert queried["skipped_unlabelled"] == 40 - len(keep)
+    # a label nobody else carries has no relevant item: skipped and counted
+    lonely = metrics.label_metrics(vectors, labels[:-1] + ["alone"])
+    assert lonely["skipped_no_relevant"] == 1 and lonely["queries"] == 39
+    # returned lists: an unlabelled candidate is dropped and the rest move up
+    lists = metrics.relevance(np.array([[0, 1, 3]]), np.array(["0"], dtype=object),
+                              np.array(["0", None, "x", "0"], dtype=object))
+    assert lists.tolist() == [[True, True, False]]
+
+
+def test_cli_json_markdown_and_plot(flowers_index, tmp_path, capsys):
+    png = tmp_path / "pr.png"
+    assert cli.main(["evaluate", "--index", str(flowers_index[0]), "--json", "--sample", "50", "-k", "5",
+                     "--plot", str(png), "--qe", "2", "--methods", "annoy,both", "--rerank"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["queries"] == 50 and report["k"] == 5 and report["sampled"]
+    assert set(report["methods"]) == {"exact", "annoy", "both"}
+    assert report["options"] == {"rerank": True, "qe": 2, "search_k": -1, "lsh_radius": 2, "seed": 0}
+    assert 0 < report["exact_qe"]["map"] <= 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert cli.main(["evaluate", "--index", str(flowers_index[0]), "--sample", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | recall@10 | queries/s |" in out and "| annoy |" in out and "| lsh |" in out
+    with pytest.raises(ValueError, match="methods"):
+        cli.main(["evaluate", "--index", str(flowers_index[0]), "--methods", "exact"])
+    with pytest.raises(FileNotFoundError, match="LATEST"):
+        cli.main(["evaluate", "--index", str(tmp_path)])
