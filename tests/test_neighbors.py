@@ -1,0 +1,140 @@
+"""cbir neighbors: every item's top-k, never itself, exact duplicates marked; empty shards searched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from index_builder import layout
+from pipelines import cli
+from pipelines.neighbors import NeighborsConfig, read_neighbors, run
+from serving.neighbors import SCHEMA, NeighborOptions, chunks
+from serving.searcher import Searcher
+
+PHOTOS = {"0": (1, 2, 3, 4), "2": (161, 162, 163, 164), "5": (401, 402, 403, 404), "7": (561, 562, 563, 564)}
+ORIGINAL, COPY = "2/image_0162.jpg", "2/copy_of_0162.jpg"
+
+
+def _image_ids() -> list[str]:
+    ids = [f"{label}/image_{n:04d}.jpg" for label, nums in PHOTOS.items() for n in nums]
+    return sorted(ids + [COPY])
+
+
+def _shards_with_an_empty_one(ids: list[str]) -> int:
+    """The smallest shard count ≥ 4 under which some shard of this corpus gets no item."""
+    for shards in range(4, 64):
+        if len({layout.stable_shard(i, shards) for i in ids}) < shards:
+            return shards
+    raise AssertionError("no shard count leaves a shard empty")
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory, flowers, mobilenet_spec):
+    """17 real photos in 4 labels, one of them also stored byte for byte under another name."""
+    from pipelines import extract, index
+
+    root = tmp_path_factory.mktemp("dup_corpus")
+    corpus = root / "corpus"
+    for label, nums in PHOTOS.items():
+        (corpus / label).mkdir(parents=True)
+        for n in nums:
+            shutil.copyfile(flowers / label / f"image_{n:04d}.jpg", corpus / label / f"image_{n:04d}.jpg")
+    shutil.copyfile(corpus / ORIGINAL, corpus / COPY)
+    extract.run(extract.ExtractConfig(input=str(corpus), output=str(root / "features"), model=mobilenet_spec))
+    shards = _shards_with_an_empty_one(_image_ids())
+    manifest = index.run(index.IndexConfig(features=str(root / "features"), output=str(root / "index"),
+                                           shards=shards, dims=8, trees=5))
+    return root, manifest
+
+
+def test_neighbor_table_never_holds_the_item_and_marks_duplicates(small_index, tmp_path):
+    root, index_manifest = small_index
+    out = tmp_path / "neighbors"
+    m = run(NeighborsConfig(index=str(root / "index"), output=str(out), options=NeighborOptions(k=5),
+                            chunk_size=3))
+    table = read_neighbors(str(out))
+    assert table.schema.equals(SCHEMA)
+    rows = {r["image_id"]: r for r in table.to_pylist()}
+    assert sorted(rows) == _image_ids() and table.num_rows == 17
+    for image_id, r in rows.items():
+        assert image_id not in r["neighbor_ids"]
+        assert len(r["neighbor_ids"]) == len(r["scores"]) == len(r["duplicate"]) == 5
+        assert len(set(r["neighbor_ids"])) == 5
+        assert r["scores"] == sorted(r["scores"], reverse=True)
+    # the byte-identical pair: each is the other's nearest neighbour, flagged, and listed
+    for a, b in ((ORIGINAL, COPY), (COPY, ORIGINAL)):
+        assert rows[a]["neighbor_ids"][0] == b and rows[a]["duplicate"][0] is True
+        assert rows[a]["scores"][0] == pytest.approx(1.0, abs=1e-3)
+        assert rows[a]["duplicate_ids"] == [b] and rows[a]["duplicate_count"] == 1
+        assert rows[a]["duplicate"][1:] == [False] * 4
+    for image_id, r in rows.items():
+        if image_id not in (ORIGINAL, COPY):
+            assert not any(r["duplicate"]) and r["duplicate_ids"] == [] and r["duplicate_count"] == 0
+    digests = {}
+    for s in range(index_manifest["shards"]):
+        idmap = pq.read_table(root / "index" / index_manifest["version"] / layout.shard_dir(s) / layout.IDMAP_FILE)
+        digests.update(zip(idmap.column("image_id").to_pylist(), idmap.column("sha256").to_pylist(), strict=True))
+    assert digests[ORIGINAL] == digests[COPY] == hashlib.sha256((root / "corpus" / COPY).read_bytes()).hexdigest()
+    # the manifest is the commit record
+    assert m["kind"] == "neighbors" and m["counts"] == {"rows": 17, "rows_with_duplicates": 2}
+    assert m["index"]["version"] == index_manifest["version"] and m["options"]["k"] == 5
+    assert json.loads((out / "MANIFEST.json").read_text()) == m
+    assert sum(f["rows"] for f in m["files"]) == 17
+    first_parts = sorted(p.name for p in (out / "neighbors").iterdir())
+
+    # a second run with k beyond the corpus: every other item, still never itself; old parts replaced
+    m2 = run(NeighborsConfig(index=str(root / "index"), output=str(out),
+                             options=NeighborOptions(k=50, method="exact", rerank=False), chunk_size=100))
+    table = read_neighbors(str(out))
+    assert table.num_rows == 17
+    for r in table.to_pylist():
+        assert sorted(r["neighbor_ids"] + [r["image_id"]]) == _image_ids()
+    parts = sorted(p.name for p in (out / "neighbors").iterdir())
+    assert parts == sorted(f["path"].split("/")[-1] for f in m2["files"])
+    assert not set(parts) & set(first_parts)
+    assert not list((out / "_staging").iterdir())
+
+
+def test_empty_shards_are_searched_around(small_index):
+    root, manifest = small_index
+    assert 0 in manifest["items_per_shard"]
+    with Searcher(str(root / "index")) as s:
+        assert any(sh.size == 0 for sh in s.shards) and s.size == 17
+        vectors = s.all_vectors()
+        sims = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)) @ vectors.T
+        np.fill_diagonal(sims, -np.inf)
+        for method in ("exact", "annoy", "lsh", "both"):
+            ids, scores = s.search_arrays(vectors, k=16, method=method, rerank=True, search_k=1 << 16,
+                                          exclude=np.arange(17))
+            assert not np.any(ids == np.arange(17)[:, None])
+            if method != "lsh":  # LSH may find fewer than 16 candidates within its radius
+                assert np.all(np.sort(ids, axis=1) == np.asarray([[j for j in range(17) if j != i]
+                                                                   for i in range(17)]))
+                np.testing.assert_allclose(scores, -np.sort(-sims, axis=1)[:, :16], atol=1e-5)
+
+
+def test_chunks_cover_every_item_once():
+    work = chunks([5, 0, 7], 3)
+    assert work == [(0, 0, 3), (0, 3, 5), (2, 0, 3), (2, 3, 6), (2, 6, 7)]
+    with pytest.raises(ValueError):
+        chunks([5], 0)
+
+
+def test_bad_requests_are_refused(small_index, tmp_path):
+    root, _ = small_index
+    with pytest.raises(ValueError, match="index folder"):
+        run(NeighborsConfig(index=str(root / "index"), output=str(root / "index")))
+    with pytest.raises(FileNotFoundError, match="LATEST"):
+        run(NeighborsConfig(index=str(tmp_path), output=str(tmp_path / "out")))
+    with pytest.raises(FileNotFoundError, match="not a complete index version"):
+        run(NeighborsConfig(index=str(root / "index"), output=str(tmp_path / "out"), version="v-none"))
+    with pytest.raises(ValueError, match="-k"):
+        run(NeighborsConfig(index=str(root / "index"), output=str(tmp_path / "out"), options=NeighborOptions(k=0)))
+    assert not (tmp_path / "out").exists()
+    args = cli.build_parser().parse_args(["neighbors", "--index", "i", "--output", "o", "-k", "3", "--no-rerank"])
+    assert args.beam and args.k == 3 and args.no_rerank
