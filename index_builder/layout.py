@@ -15,7 +15,10 @@ Nothing here imports Beam: the pipeline moves files, this module names and check
 
 from __future__ import annotations
 
+import calendar
+import dataclasses
 import hashlib
+import re
 import time
 import uuid
 from typing import Any
@@ -41,8 +44,70 @@ class IndexIntegrityError(RuntimeError):
     """A version whose files do not match its manifest, or is not complete."""
 
 
-def new_version() -> str:
-    return "v" + time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+_VERSION = re.compile(r"^v(\d{8}T\d{6})-[0-9a-f]{6}$")
+
+
+def new_version(now: float | None = None) -> str:
+    """A version name that sorts by build start time (UTC) and never collides."""
+    return "v" + time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
+
+
+def is_version(name: str) -> bool:
+    return bool(_VERSION.match(name))
+
+
+def version_time(name: str) -> float:
+    """Build start (epoch seconds) encoded in a version name."""
+    m = _VERSION.match(name)
+    if not m:
+        raise ValueError(f"{name!r} is not an index version name")
+    return float(calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%S")))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cleanup:
+    """What a publish may delete: relative folder names under the index root."""
+
+    versions: list[str]  # complete versions beyond the newest ``keep``
+    incomplete: list[str]  # version folders without a manifest (a crash between move and commit)
+    staging: list[str]  # _staging/<version> folders of builds that never published
+
+    @property
+    def all(self) -> list[str]:
+        return self.versions + self.incomplete + [f"{STAGING}/{v}" for v in self.staging]
+
+
+def plan_cleanup(
+    complete: list[str],
+    incomplete: list[str],
+    staging: list[str],
+    latest: str,
+    keep: int,
+    now: float,
+    stale_after: float,
+) -> Cleanup:
+    """Which folders to garbage-collect after ``latest`` was published.
+
+    Complete versions: keep the newest ``keep`` by name (build start) and always the
+    one ``LATEST`` points to. Incomplete and staging folders may belong to a build
+    still running elsewhere, so they go only once they are older than
+    ``stale_after`` seconds and than ``latest``. Names that are not version names
+    are never touched: they are not ours.
+    """
+    if keep < 1:
+        raise ValueError(f"keep_versions must be at least 1, not {keep}")
+    newest = sorted((v for v in complete if is_version(v)), reverse=True)
+    kept = set(newest[:keep]) | {latest}
+    old = [v for v in newest if v not in kept]
+
+    def stale(v: str) -> bool:
+        return is_version(v) and v != latest and v < latest and version_time(v) <= now - stale_after
+
+    return Cleanup(
+        versions=sorted(old),
+        incomplete=sorted(v for v in incomplete if stale(v)),
+        staging=sorted(v for v in staging if stale(v)),
+    )
 
 
 def shard_dir(shard: int) -> str:

@@ -3,17 +3,26 @@
 1. read the feature files listed in the extract manifest;
 2. fit tf.Transform over the whole corpus (L2 → PCA → L2) and transform every row;
 3. key rows by a stable hash of ``image_id``, group per shard, build each shard
-   (Annoy, LSH codes + MIH tables, float16 vectors, id map) on its worker;
-4. move the staged version into place, write ``MANIFEST.json`` with a digest of
-   every file, then switch ``LATEST``. A build killed at any point before that last
-   step leaves the previous version and pointer as they were.
+   (Annoy, LSH codes + MIH tables, float16 vectors, id map) on its worker, which
+   uploads it to an attempt folder under ``<index>/_staging/<version>/``;
+4. publish: move one complete attempt per shard and the transform into
+   ``<index>/<version>/``, check every file is there at its size, write
+   ``MANIFEST.json`` with a digest of every file (the commit point), switch
+   ``LATEST``, then garbage-collect old versions and dead builds.
+
+A build killed at any point before ``LATEST`` is switched leaves the previous
+version and pointer exactly as they were: versions are never written in place,
+and a version folder without a manifest is not an index. Concurrent builds into
+one output are not supported (the last to publish wins ``LATEST``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
+import os
 import tempfile
 import time
 from typing import Any
@@ -23,18 +32,25 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from index_builder import layout, lsh
-from index_builder.shard import ShardParams
+from index_builder.shard import DEFAULT_ON_DISK_BYTES, ShardParams
 from pipelines.extract import feature_files, read_manifest
 from transforms import fsutil
 from transforms.index_build import (
+    ATTEMPTS,
     BuildShardFn,
     KeyByShardFn,
+    ToInstancesFn,
     make_preprocessing_fn,
     raw_feature_spec,
-    table_to_instances,
 )
 
 log = logging.getLogger(__name__)
+
+SHARDING = {"key": "image_id", "hash": "blake2b(digest_size=8), big-endian integer, modulo shards"}
+
+
+class IndexBuildError(RuntimeError):
+    """The build did not produce a complete version; nothing was published."""
 
 
 @dataclasses.dataclass
@@ -42,25 +58,39 @@ class IndexConfig:
     features: str
     output: str
     shards: int = 1
-    dims: int = 256
+    dims: int = 256  # PCA dimension; 0 keeps the input dimension
     trees: int = 50
     lsh_bits: int = 128
     seed: int = 1234
-    keep_versions: int = 3
+    keep_versions: int = 3  # complete versions kept after a publish (LATEST's always is)
+    annoy_on_disk_bytes: int = DEFAULT_ON_DISK_BYTES  # build a shard's Annoy in its file above this size
+    stale_after_seconds: float = 24 * 3600  # a build unpublished this long is dead: its folders may go
+
+    def validate(self) -> None:
+        if self.lsh_bits not in lsh.SUPPORTED_BITS:
+            raise ValueError(f"--lsh-bits must be one of {lsh.SUPPORTED_BITS}")
+        if self.shards < 1:
+            raise ValueError("--shards must be at least 1")
+        if self.dims < 0:
+            raise ValueError("--dims must be 0 (keep the dimension) or positive")
+        if self.trees < 1:
+            raise ValueError("--trees must be at least 1")
+        if self.keep_versions < 1:
+            raise ValueError("keep_versions must be at least 1: the published version is always kept")
 
 
 def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
+    """Builds, publishes and cleans up; returns the published manifest."""
     import tensorflow as tf  # noqa: F401  (tf.Transform needs it loaded)
     import tensorflow_transform.beam as tft_beam
     from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-    if cfg.lsh_bits not in lsh.SUPPORTED_BITS:
-        raise ValueError(f"--lsh-bits must be one of {lsh.SUPPORTED_BITS}")
-    if cfg.shards < 1:
-        raise ValueError("--shards must be at least 1")
+    cfg.validate()
     features_manifest = read_manifest(cfg.features)
     files = feature_files(cfg.features, features_manifest)
     dim_in = int(features_manifest["dimension"])
+    if cfg.dims > dim_in:
+        log.warning("--dims %d is above the feature dimension %d: keeping %d", cfg.dims, dim_in, dim_in)
     dim_out = dim_in if cfg.dims == 0 else min(cfg.dims, dim_in)
     n_items = int(features_manifest["counts"]["ok"])
     if n_items == 0:
@@ -70,7 +100,7 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
     version = layout.new_version()
     staging = fsutil.join(cfg.output, layout.STAGING, version)
     planes = lsh.hyperplanes(dim_out, cfg.lsh_bits, cfg.seed)
-    params = ShardParams(trees=cfg.trees, seed=cfg.seed)
+    params = ShardParams(trees=cfg.trees, seed=cfg.seed, on_disk_bytes=cfg.annoy_on_disk_bytes)
     started = time.time()
     metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_feature_spec(dim_in)))
     log.info("index %d items from %s -> %s (%s, %d shards)", n_items, cfg.features, cfg.output, version,
@@ -82,7 +112,7 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
                 p
                 | "Files" >> beam.Create(files)
                 | "ReadParquet" >> beam.io.ReadAllFromParquetBatched()
-                | "ToInstances" >> beam.FlatMap(table_to_instances)
+                | "ToInstances" >> beam.ParDo(ToInstancesFn())
             )
             (transformed, _), transform_fn = (rows, metadata) | "FitTransform" >> tft_beam.AnalyzeAndTransformDataset(
                 make_preprocessing_fn(dim_out if cfg.dims else 0)
@@ -96,10 +126,15 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
                 | "GroupByShard" >> beam.GroupByKey()
                 | "BuildShard" >> beam.ParDo(BuildShardFn(staging, dim_out, planes, params))
             )
-        p.run().wait_until_finish()
+        result = p.run()
+        result.wait_until_finish()
     _write_npy(fsutil.join(staging, layout.LSH_PLANES), planes)
     elapsed = time.time() - started
-    manifest = publish(cfg, version, staging, features_manifest, dim_in, dim_out, elapsed)
+    manifest = publish(cfg, version, staging, features_manifest, dim_in, dim_out, elapsed, _counters(result))
+    try:
+        collect_garbage(cfg.output, version, cfg.keep_versions, cfg.stale_after_seconds)
+    except Exception as exc:  # the new version is published; a failed cleanup must not undo that
+        log.warning("could not clean up old versions under %s: %s", cfg.output, exc)
     return manifest
 
 
@@ -116,6 +151,51 @@ def _write_npy(path: str, array: np.ndarray) -> None:
         f.write(buf.getvalue())
 
 
+def _counters(result: Any) -> dict[str, int]:
+    try:
+        counters = result.metrics().query()["counters"]
+    except Exception:  # some runners expose no metrics to the launcher
+        return {}
+    out: dict[str, int] = {}
+    for c in counters:
+        if c.key.metric.namespace == "cbir_index":
+            out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
+    return dict(sorted(out.items()))
+
+
+def _sizes(pattern: str) -> dict[str, int]:
+    """path → size for every file matching ``pattern`` (one listing, no reads)."""
+    try:
+        found = beam.io.filesystems.FileSystems.match([pattern])[0].metadata_list
+    except beam.io.filesystem.BeamIOError:
+        return {}
+    return {m.path: m.size_in_bytes for m in found}
+
+
+def choose_attempts(staging: str, shards: int) -> list[tuple[str, dict[str, Any]]]:
+    """For every shard, one complete build attempt: (folder, SHARD.json content).
+
+    Complete means SHARD.json exists (uploaded last) and every file it lists is
+    there at the size it records. Among complete attempts the first by name wins;
+    any of them is a valid shard.
+    """
+    sizes = _sizes(fsutil.join(staging, ATTEMPTS, "**"))
+    chosen = []
+    for s in range(shards):
+        prefix = fsutil.join(staging, ATTEMPTS, f"shard-{s:05d}-")
+        infos = sorted(p for p in sizes if p.startswith(prefix) and p.endswith("/" + layout.SHARD_INFO))
+        for info_path in infos:
+            folder = info_path[: -len(layout.SHARD_INFO) - 1]
+            info = fsutil.read_json(info_path)
+            if all(sizes.get(fsutil.join(folder, n)) == m["bytes"] for n, m in info["files"].items()):
+                chosen.append((folder, info))
+                break
+            log.warning("shard %d: attempt %s is incomplete, skipped", s, folder)
+        else:
+            raise IndexBuildError(f"shard {s} has no complete build under {staging}: nothing was published")
+    return chosen
+
+
 def publish(
     cfg: IndexConfig,
     version: str,
@@ -124,22 +204,30 @@ def publish(
     dim_in: int,
     dim_out: int,
     elapsed: float,
+    metrics: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    shard_infos = []
+    """Moves the staged build into ``<output>/<version>``, commits its manifest, switches ``LATEST``."""
+    attempts = choose_attempts(staging, cfg.shards)
     files: dict[str, dict[str, Any]] = {}
-    for s in range(cfg.shards):
-        info = fsutil.read_json(fsutil.join(staging, layout.shard_dir(s), layout.SHARD_INFO))
-        shard_infos.append(info)
+    moves: list[tuple[str, str]] = []
+    for s, (folder, info) in enumerate(attempts):
         for name, meta in info["files"].items():
             files[f"{layout.shard_dir(s)}/{name}"] = meta
-        files[f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"] = _digest(
-            fsutil.join(staging, layout.shard_dir(s), layout.SHARD_INFO)
-        )
+            moves.append((fsutil.join(folder, name), f"{layout.shard_dir(s)}/{name}"))
+        files[f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"] = _digest(fsutil.join(folder, layout.SHARD_INFO))
+        moves.append((fsutil.join(folder, layout.SHARD_INFO), f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"))
     for sub in (layout.TRANSFORM_DIR, layout.TRANSFORMED_METADATA_DIR):
-        for path in fsutil.match(fsutil.join(staging, sub, "**")):
-            files[path[len(staging) + 1:]] = _digest(path)
+        found = fsutil.match(fsutil.join(staging, sub, "**"))
+        if sub == layout.TRANSFORM_DIR and not found:
+            raise IndexBuildError(f"{staging} has no {sub}/: the tf.Transform fit did not complete")
+        for path in found:
+            rel = path[len(staging) + 1:]
+            files[rel] = _digest(path)
+            moves.append((path, rel))
     files[layout.LSH_PLANES] = _digest(fsutil.join(staging, layout.LSH_PLANES))
-    total = sum(i["items"] for i in shard_infos)
+    moves.append((fsutil.join(staging, layout.LSH_PLANES), layout.LSH_PLANES))
+    infos = [info for _, info in attempts]
+    total = sum(i["items"] for i in infos)
     manifest = {
         "kind": "index",
         "format_version": layout.FORMAT_VERSION,
@@ -147,32 +235,86 @@ def publish(
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "metric": layout.METRIC,
         "dimension": {"input": dim_in, "output": dim_out},
-        "transform": {"steps": ["l2", "pca" if cfg.dims else "none", "l2"], "dims": cfg.dims},
+        "transform": {"steps": ["l2", "pca", "l2"] if cfg.dims else ["l2"], "dims": cfg.dims},
         "shards": cfg.shards,
+        "sharding": SHARDING,
+        "ids": "dense per shard, 0..n-1 in image_id order",
         "items": total,
-        "items_per_shard": [i["items"] for i in shard_infos],
+        "items_per_shard": [i["items"] for i in infos],
+        "duplicates_dropped": sum(i.get("duplicates_dropped", 0) for i in infos),
         "model": features_manifest["model"],
         "model_fingerprint": features_manifest["model_fingerprint"],
         "features_run_id": features_manifest.get("run_id"),
-        "annoy": {"trees": cfg.trees, "metric": layout.METRIC, "seed": cfg.seed},
+        "annoy": {"trees": cfg.trees, "metric": layout.METRIC, "seed": cfg.seed,
+                  "on_disk_build_shards": [s for s, i in enumerate(infos) if i.get("annoy", {}).get("on_disk_build")]},
         "lsh": {"bits": cfg.lsh_bits, "seed": cfg.seed, "substring_bits": lsh.SUBSTRING_BITS},
         "vectors_dtype": "float16",
+        "metrics": metrics or {},
         "elapsed_seconds": round(elapsed, 3),
         "bytes": sum(f["bytes"] for f in files.values()),
         "files": dict(sorted(files.items())),
     }
-    # Move the complete version into place, commit it with its manifest, then switch the pointer.
-    sources = fsutil.match(fsutil.join(staging, "**"))
     final = fsutil.join(cfg.output, version)
-    fsutil.move(sources, [fsutil.join(final, s[len(staging) + 1:]) for s in sources])
-    fsutil.write_json_atomic(fsutil.join(final, layout.MANIFEST), manifest)
+    _move_into_place(moves, final)
+    _check_in_place(final, files)
+    _commit(final, manifest)
     fsutil.write_json_atomic(fsutil.join(cfg.output, layout.POINTER), {"version": version})
     fsutil.delete_tree(staging)
     log.info("published %s: %d items in %d shards, %.1f MB", version, total, cfg.shards, manifest["bytes"] / 1e6)
     return manifest
 
 
+def _move_into_place(moves: list[tuple[str, str]], final: str) -> None:
+    fsutil.move([src for src, _ in moves], [fsutil.join(final, rel) for _, rel in moves])
+
+
+def _check_in_place(final: str, files: dict[str, dict[str, Any]]) -> None:
+    """Every file the manifest will list is in the version folder at its size, before the commit."""
+    sizes = _sizes(fsutil.join(final, "**"))
+    bad = [rel for rel, meta in files.items() if sizes.get(fsutil.join(final, rel)) != meta["bytes"]]
+    if bad:
+        raise IndexBuildError(f"{final}: {len(bad)} file(s) missing or of the wrong size after the move: {bad[:5]}")
+
+
+def _commit(final: str, manifest: dict[str, Any]) -> None:
+    """The commit point: a version is an index once its MANIFEST.json exists."""
+    fsutil.write_json_atomic(fsutil.join(final, layout.MANIFEST), manifest)
+
+
 def _digest(path: str) -> dict[str, Any]:
     with beam.io.filesystems.FileSystems.open(path, compression_type="uncompressed") as f:
         digest, size = layout.sha256_stream(iter(lambda: f.read(1 << 20), b""))
     return {"sha256": digest, "bytes": size}
+
+
+def collect_garbage(
+    output: str, latest: str, keep: int, stale_after: float, now: float | None = None
+) -> list[str]:
+    """Deletes complete versions beyond the newest ``keep`` and folders of builds that died.
+
+    Runs only after ``LATEST`` points at ``latest``; see layout.plan_cleanup for
+    what is kept. Returns the folders deleted (relative to ``output``).
+    """
+    complete, incomplete, staging = set(), set(), set()
+    root = output.rstrip("/") + "/"
+    for path in fsutil.match(fsutil.join(output, "**")):
+        parts = path[len(root):].split("/")
+        if parts[0] == layout.STAGING and len(parts) > 2:
+            staging.add(parts[1])
+        elif len(parts) > 1 and layout.is_version(parts[0]):
+            (complete if parts[1:] == [layout.MANIFEST] else incomplete).add(parts[0])
+    if "://" not in output:  # local disk also keeps folders that hold no file (a build that died early)
+        with contextlib.suppress(OSError):
+            staging.update(os.listdir(os.path.join(output, layout.STAGING)))
+        with contextlib.suppress(OSError):
+            incomplete.update(n for n in os.listdir(output) if layout.is_version(n))
+    incomplete -= complete
+    plan = layout.plan_cleanup(sorted(complete), sorted(incomplete), sorted(staging), latest, keep,
+                               time.time() if now is None else now, stale_after)
+    for rel in plan.all:
+        log.info("deleting %s/%s", output, rel)
+        fsutil.delete_tree(fsutil.join(output, rel))
+    if "://" not in output:  # local disk keeps empty folders; object stores have none
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(output, layout.STAGING))
+    return plan.all

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Any
 
 import apache_beam as beam
@@ -20,6 +21,7 @@ from transforms import features_io
 log = logging.getLogger(__name__)
 
 STRING_COLUMNS = ("image_id", "uri", "label", "sha256")
+ATTEMPTS = "attempts"  # under the staging version: one folder per shard build attempt
 
 
 def raw_feature_spec(dim: int) -> dict[str, Any]:
@@ -35,10 +37,16 @@ def make_preprocessing_fn(dims: int):
 
     The mean and the PCA matrix are tf.Transform analysers: one full pass over the
     corpus computes them, and the saved graph applies the same constants to every
-    query. ``dims == 0`` keeps the dimension and only normalises.
+    query, so a query and the corpus can never be transformed differently.
+    ``dims == 0`` keeps the dimension and only normalises (the two L2 steps
+    collapse into one). The first L2 makes PCA fit directions, not magnitudes,
+    which is what cosine search compares.
     """
     import tensorflow as tf
     import tensorflow_transform as tft
+
+    if dims < 0:
+        raise ValueError(f"dims must be 0 (keep) or positive, not {dims}")
 
     def preprocessing_fn(inputs):
         x = tf.math.l2_normalize(inputs["feature"], axis=1)
@@ -54,16 +62,40 @@ def make_preprocessing_fn(dims: int):
     return preprocessing_fn
 
 
-def table_to_instances(table) -> list[dict[str, Any]]:
-    """Arrow feature rows → tf.Transform instance dicts (float32 features, bytes strings)."""
+def table_to_instances(table) -> tuple[list[dict[str, Any]], list[str]]:
+    """Arrow feature rows → tf.Transform instance dicts, and the ids of rows with non-finite features.
+
+    A NaN or infinite vector would poison the corpus-wide mean and covariance, so
+    such rows are left out of the index instead of silently breaking every query.
+    """
     vectors = features_io.feature_matrix(table)
+    finite = np.isfinite(vectors).all(axis=1)
     cols = {c: table.column(c).to_pylist() for c in STRING_COLUMNS}
-    out = []
+    out, bad = [], []
     for i in range(table.num_rows):
+        if not finite[i]:
+            bad.append(cols["image_id"][i])
+            continue
         row = {c: (cols[c][i] or "").encode("utf-8") for c in STRING_COLUMNS}
         row["feature"] = vectors[i]
         out.append(row)
-    return out
+    return out, bad
+
+
+class ToInstancesFn(beam.DoFn):
+    """Feature tables → instance dicts, counting (and logging) rows left out."""
+
+    def __init__(self):
+        self._rows = Metrics.counter("cbir_index", "rows_read")
+        self._skipped = Metrics.counter("cbir_index", "non_finite_skipped")
+
+    def process(self, table):
+        rows, bad = table_to_instances(table)
+        if bad:
+            log.warning("%d feature rows with non-finite values left out of the index, e.g. %s", len(bad), bad[:3])
+            self._skipped.inc(len(bad))
+        self._rows.inc(len(rows))
+        yield from rows
 
 
 def _decode(value: Any) -> str:
@@ -71,6 +103,8 @@ def _decode(value: Any) -> str:
 
 
 class KeyByShardFn(beam.DoFn):
+    """(shard, row) with the shard a stable hash of image_id (layout.stable_shard)."""
+
     def __init__(self, num_shards: int):
         self._shards = num_shards
 
@@ -86,8 +120,19 @@ class KeyByShardFn(beam.DoFn):
         }
 
 
+def attempt_dir(staging: str, shard: int, attempt: str) -> str:
+    return FileSystems.join(staging, ATTEMPTS, f"shard-{shard:05d}-{attempt}")
+
+
 class BuildShardFn(beam.DoFn):
-    """Builds a shard on local disk, then copies its files to the staging version folder."""
+    """Builds a shard on local disk, then uploads it to its own attempt folder under staging.
+
+    A runner may run a bundle twice (a retry after a lost worker, a zombie that
+    still writes). Each attempt uploads to a folder of its own and writes
+    SHARD.json last, so the publisher can pick one complete attempt and never
+    mixes files of two (the Annoy file of a multithreaded build differs between
+    attempts, so a mix would not match its digests).
+    """
 
     def __init__(self, staging: str, dim: int, planes: np.ndarray, params: ShardParams):
         self._staging = staging
@@ -96,6 +141,7 @@ class BuildShardFn(beam.DoFn):
         self._params = params
         self._items = Metrics.counter("cbir_index", "items")
         self._shards = Metrics.counter("cbir_index", "shards")
+        self._duplicates = Metrics.counter("cbir_index", "duplicates_dropped")
         self._seconds = Metrics.distribution("cbir_index", "shard_build_ms")
 
     def process(self, keyed: tuple[int, Any]):
@@ -105,13 +151,15 @@ class BuildShardFn(beam.DoFn):
         local = tempfile.mkdtemp(prefix=f"cbir-shard-{shard:05d}-")
         try:
             info = build_shard(items, shard, local, self._planes, self._params)
-            dest = FileSystems.join(self._staging, layout.shard_dir(shard))
-            for name in sorted(os.listdir(local)):
+            dest = attempt_dir(self._staging, shard, uuid.uuid4().hex[:12])
+            names = sorted(n for n in os.listdir(local) if n != layout.SHARD_INFO) + [layout.SHARD_INFO]
+            for name in names:  # SHARD.json last: its presence means the attempt is whole
                 _upload(os.path.join(local, name), FileSystems.join(dest, name))
         finally:
             shutil.rmtree(local, ignore_errors=True)
         self._items.inc(info["items"])
         self._shards.inc()
+        self._duplicates.inc(info["duplicates_dropped"])
         self._seconds.update(int(info["seconds"]["total"] * 1000))
         yield info
 
