@@ -149,6 +149,7 @@ def decode_and_resize(
     size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     reduced_decode: bool = True,
+    draft_side: int | None = None,
 ) -> DecodedImage:
     """Decodes ``data`` and resizes it to ``size`` x ``size`` RGB uint8.
 
@@ -157,8 +158,9 @@ def decode_and_resize(
     target on their short side are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain
     (Pillow draft mode), never below the target size: several times faster, and the
     features move very little (benchmarks/bench_decode.py measures how little).
-    Animated GIF / WebP and multi-page TIFF give their first frame, which is what
-    ``Image.open`` leaves selected.
+    ``draft_side`` (default ``size``) is the smallest side the reduced decode may go down
+    to; a larger value trades speed for fidelity. Animated GIF / WebP and multi-page TIFF
+    give their first frame, which is what ``Image.open`` leaves selected.
     """
     im = open_image(data, max_pixels)
     fmt = im.format or "unknown"
@@ -166,8 +168,9 @@ def decode_and_resize(
     scale = 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        if reduced_decode and fmt in _DRAFT_FORMATS and min(w, h) >= 2 * size:
-            im.draft("RGB", (size, size))
+        side = max(size, draft_side or size)
+        if reduced_decode and fmt in _DRAFT_FORMATS and min(w, h) >= 2 * side:
+            im.draft("RGB", (side, side))
             scale = max(1, round(w / im.size[0]))
         im.load()
         # After load: PNG may keep its eXIf chunk behind the pixel data.

@@ -278,6 +278,16 @@ def test_reduced_scale_jpeg_decode(photo_12mp):
     assert decode_and_resize(photo_12mp, 400).reduced_scale == 4
 
 
+def test_draft_side_bounds_the_reduction(photo_12mp):
+    """draft_side keeps more resolution for the final resize: 1/4 scale (750 px) instead of 1/8 (375 px)."""
+    full = decode_and_resize(photo_12mp, 224, reduced_decode=False)
+    finer = decode_and_resize(photo_12mp, 224, draft_side=448)
+    coarse = decode_and_resize(photo_12mp, 224)
+    assert finer.reduced_scale == 4 and coarse.reduced_scale == 8
+    assert diff(finer.pixels, full.pixels) < diff(coarse.pixels, full.pixels)
+    assert decode_and_resize(photo_12mp, 224, draft_side=2000).reduced_scale == 1  # 3000 < 2 × 2000
+
+
 def test_reduced_scale_keeps_exif_orientation(photo):
     exif = Image.Exif()
     exif[0x0112] = 6
