@@ -22,11 +22,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
+from apache_beam.io.filesystem import FileMetadata
 
 from pipelines import extract, shard
 from transforms.records import FAILURES_TAG
-from transforms.shard_readers import encode_example, iter_tfrecord_frames, parquet_columns, split_wds_name
-from transforms.sources import InputSpec, ReadImages
+from transforms.shard_readers import (
+    _ReadTarShardFn,
+    encode_example,
+    iter_tfrecord_frames,
+    parquet_columns,
+    split_wds_name,
+)
+from transforms.sources import InputSpec, ReadImages, RecordTooLargeError, _AccountFn, read_limited
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +258,33 @@ def test_wds_key_split_follows_webdataset():
     assert split_wds_name("x.seg.PNG") == ("x", "seg.png")
     assert split_wds_name("dir.v2/x.json") == ("dir.v2/x", "json")
     assert split_wds_name("README") is None and split_wds_name(".hidden") is None
+
+
+def test_oversized_inputs_are_refused_unread(photos, tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(photos[0][2])
+    assert read_limited(str(path), len(photos[0][2])) == photos[0][2]
+    with pytest.raises(RecordTooLargeError):
+        read_limited(str(path), len(photos[0][2]) - 1)
+    small = encode_example(b"x", "unused")  # any short payload will do as the small member
+    _tar(tmp_path / "s.tar", [("a.jpg", photos[0][2]), ("a.cls", b"1"), ("b.png", small)])
+    out = list(_ReadTarShardFn(str(tmp_path), max_member_bytes=len(small)).process(
+        FileMetadata(str(tmp_path / "s.tar"), (tmp_path / "s.tar").stat().st_size)))
+    assert out[0]["image_id"] == "s.tar#a" and out[0]["error"] == "RecordTooLargeError"
+    assert out[1].image_id == "s.tar#b" and out[1].data == small
+
+
+def test_account_logs_progress_with_a_rate(photos, caplog):
+    fn = _AccountFn("files", every_seconds=0)
+    fn.setup()
+    from transforms.records import ImageRecord, failure
+
+    with caplog.at_level("INFO", logger="cbir.progress"):
+        out = list(fn.process(ImageRecord("a", "a", None, b"x")))
+        out += list(fn.process(failure("b", "b", "read", OSError("gone"))))
+    assert out[0].image_id == "a" and out[1].tag == FAILURES_TAG
+    assert any("read files: 2 inputs in this worker" in r.getMessage() and "/s" in r.getMessage()
+               for r in caplog.records)
 
 
 # ---------------------------------------------------------------- Parquet

@@ -52,11 +52,18 @@ from apache_beam.metrics import Metrics
 
 from transforms.decode import NAMESPACE
 from transforms.records import ImageRecord, failure
-from transforms.sources import Account, InputSpec, MatchVisible, relative_id
+from transforms.sources import (
+    MAX_RECORD_BYTES,
+    Account,
+    InputSpec,
+    MatchVisible,
+    RecordTooLargeError,
+    read_limited,
+    relative_id,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_RECORD_BYTES = 256 * 1024 * 1024  # one image larger than this is a failure, not an allocation
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 WDS_LABEL_EXTENSIONS = ("cls", "json", "txt")
 PARQUET_BYTES_COLUMNS = ("image", "image_bytes", "bytes", "jpg", "jpeg", "png", "webp", "data", "content")
@@ -75,10 +82,6 @@ class CorruptRecordError(ShardReadError):
 
 class MissingImageError(ShardReadError):
     """The record or sample holds no image bytes."""
-
-
-class RecordTooLargeError(ShardReadError):
-    """A record claims more bytes than :data:`MAX_RECORD_BYTES`."""
 
 
 class CorruptShardError(ShardReadError):
@@ -286,7 +289,7 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace").strip()
 
 
-def wds_sample(rel: str, path: str, key: str, members: dict[str, bytes | ShardReadError]) -> ImageRecord | dict:
+def wds_sample(rel: str, path: str, key: str, members: dict[str, bytes | Exception]) -> ImageRecord | dict:
     """One WebDataset sample (extension → member bytes) → a record or a failure row."""
     meta: dict[str, Any] = {}
     meta_error = None
@@ -301,7 +304,7 @@ def wds_sample(rel: str, path: str, key: str, members: dict[str, bytes | ShardRe
     uri = meta.get("uri") or meta.get("url")
     uri = str(uri) if uri else f"{path}#{key}"
     image = next((members[e] for e in members if e in WDS_IMAGE_EXTENSIONS), None)
-    if isinstance(image, ShardReadError):
+    if isinstance(image, Exception):  # refused unread (too large)
         return failure(image_id, uri, "read", image)
     if image is None:
         return failure(image_id, uri, "read", MissingImageError(
@@ -469,8 +472,7 @@ class _ReadParquetRowGroupFn(_ShardFn):
 class _FetchUriFn(beam.DoFn):
     def process(self, item: _FetchUri):
         try:
-            with FileSystems.open(item.uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                data = f.read()
+            data = read_limited(item.uri)
         except Exception as exc:
             yield failure(item.image_id, item.uri, "read", exc)
             return

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 progress_log = logging.getLogger("cbir.progress")
 
 FORMATS = ("files", "tfrecord", "wds", "parquet")
+MAX_RECORD_BYTES = 256 * 1024 * 1024  # one image larger than this is a failure, not an allocation
 _GLOB_CHARS = re.compile(r"[*?\[]")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -78,6 +79,22 @@ def _shard_pattern(rest: str) -> str:
     except Exception:  # BeamIOError: nothing below it, so it names a file
         pass
     return rest
+
+
+class RecordTooLargeError(ValueError):
+    """An input holds more bytes than :data:`MAX_RECORD_BYTES`; it is refused unread."""
+
+
+def read_limited(path: str, limit: int = MAX_RECORD_BYTES) -> bytes:
+    """Reads a whole file through Beam filesystems, refusing one above ``limit`` bytes.
+
+    Reads at most ``limit + 1`` bytes, so a 50 GB file named ``.jpg`` costs nothing.
+    """
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise RecordTooLargeError(f"{path} holds more than {limit} bytes")
+    return data
 
 
 def _glob_root(pattern: str) -> str:
@@ -200,9 +217,8 @@ class _ReadFileFn(beam.DoFn):
         path = metadata.path
         image_id = relative_id(path, self._root)
         try:
-            with FileSystems.open(path, compression_type="uncompressed") as f:
-                data = f.read()
-        except Exception as exc:  # permissions, vanished files, remote errors
+            data = read_limited(path)
+        except Exception as exc:  # permissions, vanished files, remote errors, oversized files
             yield failure(image_id, path, "read", exc)
             return
         yield ImageRecord(image_id, path, label_from_id(image_id), data)
