@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from serving import metrics
-from serving.searcher import METHODS, Searcher, normalise_rows
+from serving.searcher import LSH_RADIUS, METHODS, Searcher, normalise_rows
 from transforms import fsutil
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class EvaluateConfig:
     sample: int = 0  # 0: every item is a query
     seed: int = 0
     search_k: int = -1
-    lsh_radius: int = 2
+    lsh_radius: int = LSH_RADIUS
     batch_size: int = 1024
     verify: bool = True
     plot: str | None = None
@@ -221,7 +221,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=0, help="use N random items as queries (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--search-k", type=int, default=-1)
-    p.add_argument("--lsh-radius", type=int, default=2)
+    p.add_argument("--lsh-radius", type=int, default=LSH_RADIUS)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", default=None, help="write the precision–recall curve to this PNG")
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not digests")

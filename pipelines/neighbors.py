@@ -36,7 +36,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from index_builder import layout
 from serving.neighbors import SCHEMA, DuplicateGroups, NeighborOptions, chunks, neighbor_table
-from serving.searcher import METHODS, Searcher, space_fingerprint
+from serving.searcher import LSH_RADIUS, METHODS, Searcher, space_fingerprint
 from transforms import features_io, fsutil
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-rerank", action="store_true", help="keep Annoy's scores instead of re-ranking 4k exactly")
     p.add_argument("--qe", type=int, default=0, help="query expansion with the top N")
     p.add_argument("--search-k", type=int, default=-1, help="Annoy search_k (default trees × candidates)")
-    p.add_argument("--lsh-radius", type=int, default=2, help="largest MIH substring radius")
+    p.add_argument("--lsh-radius", type=int, default=LSH_RADIUS, help="largest MIH substring radius")
     p.add_argument("--chunk-size", type=int, default=2048, help="items per unit of work")
     p.add_argument("--batch-size", type=int, default=256, help="queries searched as one batch")
     p.add_argument("--max-duplicates", type=int, default=100, help="duplicate_ids listed per row")

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from serving.searcher import Searcher
+from serving.searcher import LSH_RADIUS, Searcher
 
 SCHEMA = pa.schema(
     [
@@ -42,7 +42,7 @@ class NeighborOptions:
     rerank: bool = True
     qe: int = 0
     search_k: int = -1
-    lsh_radius: int = 2
+    lsh_radius: int = LSH_RADIUS
     batch_size: int = 256
     max_duplicates: int = 100  # duplicate_ids listed per row; duplicate_count has the full number
 

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,7 +39,9 @@ from index_builder import layout, lsh
 log = logging.getLogger(__name__)
 
 METHODS = ("annoy", "lsh", "both", "exact")
-RERANK_FACTOR = 4  # candidates per shard = RERANK_FACTOR * k when re-ranking
+RERANK_FACTOR = 4  # Annoy candidates per shard = RERANK_FACTOR * k when re-ranking
+LSH_FACTOR = 20  # LSH candidates per shard = LSH_FACTOR * k: Hamming order is coarse, exact scoring is cheap
+LSH_RADIUS = 3  # largest MIH substring radius probed when nearer buckets hold too few candidates
 _EXACT_BLOCK = 32768  # stored vectors converted to float32 at a time by exact search
 _SCORE_ELEMENTS = 1 << 22  # float32 elements gathered at a time when re-scoring candidates
 
@@ -149,7 +152,7 @@ def space_fingerprint(manifest: dict[str, Any]) -> str:
 
 
 def default_candidates(k: int, method: str, rerank: bool) -> int:
-    """Items each shard returns before the merge: k, or RERANK_FACTOR·k when candidates are re-scored."""
+    """Annoy candidates per shard before the merge: k, or RERANK_FACTOR·k when they are re-scored."""
     return RERANK_FACTOR * k if (rerank or method in ("lsh", "both")) and method != "exact" else k
 
 
@@ -158,7 +161,10 @@ class Searcher:
 
     ``expected_model`` (a model fingerprint or a ``ModelSpec``) and
     ``expected_fingerprint`` (a :func:`space_fingerprint`, e.g. an embedder's) make
-    a service refuse an index whose vectors it cannot query.
+    a service refuse an index whose vectors it cannot query. Exact search keeps up to
+    ``cache_mb`` of shards' vectors as float32 in memory (converted on first use), so
+    repeated exact queries do not convert the float16 file every time; larger shards
+    are converted block by block per query.
     """
 
     def __init__(
@@ -169,6 +175,7 @@ class Searcher:
         threads: int = 0,
         expected_fingerprint: str | None = None,
         expected_model: Any = None,
+        cache_mb: int = 256,
     ):
         self.version_dir = resolve_version(index_dir, version)
         self.version = os.path.basename(os.path.normpath(self.version_dir))
@@ -200,6 +207,9 @@ class Searcher:
         self._id_rank[np.argsort(np.asarray(self.image_ids, dtype=object), kind="stable")] = np.arange(
             len(self.image_ids)
         )
+        self._cache_left = max(0, cache_mb) << 20
+        self._dense: dict[int, np.ndarray] = {}
+        self._dense_lock = threading.Lock()
         self._threads = threads or min(8, max(2, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="cbir-search")
         log.info("opened %s: %d items in %d shards (%s)", self.version_dir, self.size, len(self.shards),
@@ -316,13 +326,13 @@ class Searcher:
         qe: int = 0,
         search_k: int = -1,
         candidates: int = 0,
-        lsh_radius: int = 2,
+        lsh_radius: int = LSH_RADIUS,
         exclude: tuple[int, int] | int | None = None,
     ) -> list[Hit]:
         """Top-k hits for one transformed query vector (normalised here).
 
         ``candidates`` is how many items each shard returns before the merge
-        (default :func:`default_candidates`); ``exclude`` drops one item, given as
+        (default :func:`default_candidates` for Annoy, LSH_FACTOR·k for LSH); ``exclude`` drops one item, given as
         (shard, id) or global id, for leave-one-out evaluation and neighbour tables.
         """
         if exclude is not None and not isinstance(exclude, int | np.integer):
@@ -348,7 +358,7 @@ class Searcher:
         qe: int = 0,
         search_k: int = -1,
         candidates: int = 0,
-        lsh_radius: int = 2,
+        lsh_radius: int = LSH_RADIUS,
         exclude: np.ndarray | None = None,
         batch_size: int = 1024,
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -392,8 +402,9 @@ class Searcher:
 
     def _search_once(self, q: np.ndarray, k: int, opts: tuple, excl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         method, rerank, search_k, candidates, lsh_radius = opts
-        per_shard = candidates or default_candidates(k, method, rerank)
-        per_shard += 1 if np.any(excl >= 0) else 0  # the excluded item may take one of the places
+        extra = 1 if np.any(excl >= 0) else 0  # the excluded item may take one of the places
+        per_shard = (candidates or default_candidates(k, method, rerank)) + extra
+        per_shard_lsh = (candidates or LSH_FACTOR * k) + extra
         shards = [s for s in self.shards if s.size]
         if not shards:
             return np.full((len(q), k), -1, np.int64), np.full((len(q), k), -np.inf, np.float32)
@@ -405,7 +416,7 @@ class Searcher:
 
         def run(task):
             s, lo, hi = task
-            return self._search_shard(s, q[lo:hi], per_shard, method, rerank, search_k, lsh_radius)
+            return self._search_shard(s, q[lo:hi], per_shard, per_shard_lsh, method, rerank, search_k, lsh_radius)
 
         results = [run(tasks[0])] if len(tasks) == 1 else list(self._pool.map(run, tasks))
         per_shard_ids, per_shard_scores = {}, {}
@@ -437,11 +448,12 @@ class Searcher:
         return top_ids, top_scores
 
     def _search_shard(
-        self, shard: Shard, q: np.ndarray, n: int, method: str, rerank: bool, search_k: int, lsh_radius: int
+        self, shard: Shard, q: np.ndarray, n: int, n_lsh: int, method: str, rerank: bool, search_k: int,
+        lsh_radius: int,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(local ids (b, ≤n'), scores) of one shard for a query chunk; -1 / -inf pads."""
         if method == "exact":
-            ids = _exact_top(shard.vectors, q, min(n, shard.size))
+            ids = _exact_top(self._exact_vectors(shard), q, min(n, shard.size))
             return ids, _score(shard.vectors, q, ids)
         found = []
         scores = None
@@ -456,9 +468,9 @@ class Searcher:
             scores = np.where(a_ids >= 0, 1.0 - np.square(dists) / 2.0, -np.inf).astype(np.float32)  # angular→cos
         if method in ("lsh", "both"):
             codes = lsh.encode(q, self.planes)
-            l_ids = np.full((len(q), n), -1, np.int64)
+            l_ids = np.full((len(q), n_lsh), -1, np.int64)
             for row in range(len(q)):
-                r, _ = lsh.search(codes[row], shard.codes, shard.tables, n, n, lsh_radius)
+                r, _ = lsh.search(codes[row], shard.codes, shard.tables, n_lsh, n_lsh, lsh_radius)
                 l_ids[row, : len(r)] = r
             found.append(l_ids)
             rerank = True  # Hamming distances are too coarse to rank by
@@ -466,6 +478,17 @@ class Searcher:
         if rerank or scores is None:
             scores = _score(shard.vectors, q, ids)
         return ids, scores
+
+    def _exact_vectors(self, shard: Shard) -> np.ndarray:
+        """The shard's vectors as float32 when the cache budget allows, else the float16 map."""
+        dense = self._dense.get(shard.number)
+        if dense is not None:
+            return dense
+        with self._dense_lock:
+            if shard.number not in self._dense and shard.vectors.size * 4 <= self._cache_left:
+                self._dense[shard.number] = np.asarray(shard.vectors, dtype=np.float32)
+                self._cache_left -= shard.vectors.size * 4
+        return self._dense.get(shard.number, shard.vectors)
 
     # -- lookups ----------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 from pipelines import cli
 from pipelines.evaluate import EvaluateConfig, format_markdown, run
 from serving import metrics
-from serving.searcher import Searcher
+from serving.searcher import LSH_RADIUS, Searcher
 
 K = 10
 
@@ -133,7 +133,8 @@ def test_cli_json_markdown_and_plot(flowers_index, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["queries"] == 50 and report["k"] == 5 and report["sampled"]
     assert set(report["methods"]) == {"exact", "annoy", "both"}
-    assert report["options"] == {"rerank": True, "qe": 2, "search_k": -1, "lsh_radius": 2, "seed": 0}
+    assert report["options"] == {"rerank": True, "qe": 2, "search_k": -1, "lsh_radius": LSH_RADIUS,
+                                 "seed": 0}
     assert 0 < report["exact_qe"]["map"] <= 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert cli.main(["evaluate", "--index", str(flowers_index[0]), "--sample", "20"]) == 0
