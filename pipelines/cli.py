@@ -130,6 +130,7 @@ def _extract(args, beam_args: list[str]) -> int:
     try:
         manifest = extract.run(cfg, beam_args)
     except extract.TooManyFailuresError as exc:
+        print_extract_summary(exc.manifest)
         print(f"cbir extract: {exc}", file=sys.stderr)
         return 3
     print_extract_summary(manifest)

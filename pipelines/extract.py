@@ -44,6 +44,10 @@ FORMAT_VERSION = 1
 class TooManyFailuresError(RuntimeError):
     """More inputs failed than --max-failure-fraction allows (outputs were still written)."""
 
+    def __init__(self, message: str, manifest: dict[str, Any]):
+        super().__init__(message)
+        self.manifest = manifest
+
 
 @dataclasses.dataclass
 class ExtractConfig:
@@ -265,7 +269,8 @@ def _check_failure_fraction(manifest: dict[str, Any], limit: float | None) -> No
     if fraction > limit:
         raise TooManyFailuresError(
             f"{counts['failed']} of {counts['read']} inputs failed ({fraction:.1%}), "
-            f"more than --max-failure-fraction {limit:.1%}; outputs were written, see failures/"
+            f"more than --max-failure-fraction {limit:.1%}; outputs were written, see failures/",
+            manifest,
         )
 
 

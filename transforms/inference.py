@@ -19,6 +19,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from apache_beam.ml.inference.tensorflow_inference import ModelType, TFModelHandlerNumpy
 
 from models.backbone import Backbone, ModelSpec
+from transforms.decode import count_failure
 from transforms.records import FAILURES_TAG, FeatureRow, ImageMeta, failure
 
 
@@ -69,13 +70,12 @@ class _ToFeatureRowFn(beam.DoFn):
     def __init__(self, feature_dtype: str):
         self._dtype = feature_dtype
         self._ok = Metrics.counter("cbir", "ok")
-        self._nonfinite = Metrics.counter("cbir", "failed_inference_nonfinite")
 
     def process(self, keyed: tuple[ImageMeta, PredictionResult]):
         meta, result = keyed
         vec = np.asarray(result.inference, dtype=np.float32)
         if not np.all(np.isfinite(vec)):
-            self._nonfinite.inc()
+            count_failure("inference", "NonFiniteFeature")
             yield beam.pvalue.TaggedOutput(
                 FAILURES_TAG, failure(meta.image_id, meta.uri, "inference", "NonFiniteFeature", "NaN or inf")
             )
@@ -86,7 +86,7 @@ class _ToFeatureRowFn(beam.DoFn):
 
 def _failed_batch_rows(failed: tuple[Any, BaseException]):
     batch, exc = failed
-    Metrics.counter("cbir", "failed_inference").inc(len(batch))
+    count_failure("inference", type(exc).__name__, len(batch))
     for meta, _ in batch:
         yield failure(meta.image_id, meta.uri, "inference", exc)
 
