@@ -1,19 +1,37 @@
-"""``cbir query``: image files in, top-k neighbours out (table, JSON lines, contact sheet)."""
+"""``cbir query``: image files in, top-k neighbours out (table, JSON lines, contact sheet).
+
+Query images are embedded by the index's own model in this process, or, with
+``--serving HOST:PORT``, by a TensorFlow Serving endpoint serving ``cbir export-model``
+output (gRPC or REST); either way the vectors are checked against the index's model
+fingerprint before they are searched.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
 import time
 from typing import Any
 
-from serving.embedder import open_embedder
+from serving.embedder import ModelMismatchError, open_embedder
 from serving.searcher import Searcher
 from serving.sheet import contact_sheet, save_png
 from transforms import fsutil
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingOptions:
+    """Where the query embedding comes from when it is not the local model."""
+
+    address: str  # HOST:PORT (REST also takes http://HOST:PORT)
+    protocol: str = "grpc"
+    model_name: str = "cbir"
+    signature: str = "serving_default"
+    timeout: float = 30.0
 
 
 def _read_or_none(uri: str) -> bytes | None:
@@ -38,14 +56,27 @@ def run_query(
     weights_dir: str | None = None,
     sheet: str | None = None,
     verify: bool = True,
+    serving: ServingOptions | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
-    """Returns (result rows, failures, timings); all images go through the model as one batch."""
+    """Returns (result rows, failures, timings); all images go through the model as one batch
+    (with ``serving``, as batches of requests to TF Serving)."""
     t0 = time.perf_counter()
     searcher = Searcher(index, version=version, verify=verify)
     t1 = time.perf_counter()
-    embedder = open_embedder(searcher.version_dir, searcher.manifest, weights_dir)
+    if serving is None:
+        embedder = open_embedder(searcher.version_dir, searcher.manifest, weights_dir)
+    else:
+        from serving.client import ServingEmbedder, make_client
+
+        client = make_client(serving.address, serving.protocol, serving.model_name, serving.signature,
+                             timeout=serving.timeout)
+        embedder = ServingEmbedder(searcher.version_dir, searcher.manifest, client)
     t2 = time.perf_counter()
-    vectors, ok_paths, failures = embedder.embed_files(images)
+    try:
+        vectors, ok_paths, failures = embedder.embed_files(images)
+    finally:
+        if serving is not None:
+            embedder.close()
     t3 = time.perf_counter()
     rows = []
     for path, vec in zip(ok_paths, vectors, strict=True):
@@ -71,10 +102,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(args) -> int:
-    rows, failures, timings = run_query(
-        args.index, args.images, k=args.k, rerank=args.rerank, qe=args.qe, method=args.method,
-        version=args.version, weights_dir=args.weights_dir, sheet=args.sheet, verify=not args.no_verify,
-    )
+    from serving.client import ServingError
+
+    serving = None
+    if getattr(args, "serving", None):
+        serving = ServingOptions(args.serving, args.serving_protocol, args.serving_model, args.serving_signature)
+    try:
+        rows, failures, timings = run_query(
+            args.index, args.images, k=args.k, rerank=args.rerank, qe=args.qe, method=args.method,
+            version=args.version, weights_dir=args.weights_dir, sheet=args.sheet, verify=not args.no_verify,
+            serving=serving,
+        )
+    except (ModelMismatchError, ServingError) as exc:
+        print(f"cbir query: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         for row in rows:
             print(json.dumps(row))
