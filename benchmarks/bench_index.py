@@ -13,6 +13,7 @@ What it measures, all in one run and against exact numpy search as the baseline:
   - Annoy: trees × search_k; LSH: bits × MIH substring radius, ranked by Hamming distance alone, by
     re-ranking the 100 Hamming-nearest candidates exactly, or by re-ranking every candidate;
   - exact numpy search (float32 matmul + argpartition), one query at a time and in batches of 256;
+  - a lower ``--dims`` (64, 128): how many true neighbours survive a further PCA, and Annoy there;
   - hnswlib and faiss-cpu as peers when they are importable (they are not project dependencies).
 
 **How the synthetic vectors are made** (``SyntheticModel``): the real features are transformed as the
@@ -370,6 +371,57 @@ def bench_peers(ds: Dataset, workdir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# -- PCA dimension -------------------------------------------------------------------------------------
+
+
+def bench_dims(ds: Dataset, dims_grid: list[int], trees: int, search_ks: list[int],
+               workdir: Path) -> list[dict[str, Any]]:
+    """What ``--dims d`` trades: a further PCA of the vectors to d axes, then exact and Annoy search there.
+
+    Recall is given twice: against exact search in the reduced space (what the index promises) and
+    against exact search in the full space (which true neighbours survive the reduction). The PCA is
+    fitted here on the already-transformed vectors, which approximates fitting it on the raw features.
+    """
+    from annoy import AnnoyIndex
+
+    rows = []
+    excl = _exclusions(ds)
+    extra = 0 if ds.exclude is None else 1
+    mean = ds.base.mean(axis=0)
+    eigval, eigvec = np.linalg.eigh(np.cov(ds.base - mean, rowvar=False))
+    eigvec = eigvec[:, np.argsort(eigval)[::-1]].astype(np.float32)
+    for dims in dims_grid:
+        if dims >= ds.base.shape[1]:
+            continue
+        proj = eigvec[:, :dims]
+        red = Dataset(f"{ds.name} @ {dims}", _normalise((ds.base - mean) @ proj),
+                      _normalise((ds.queries - mean) @ proj), ds.exclude)
+        own, _ = exact_truth(red)
+        qps = exact_single_qps(red, min(len(red.queries), 200))
+        rows.append({"dims": dims, "method": "exact", "search_k": "", "recall_own": 1.0,
+                     "recall_full": recall(own, ds.truth), "qps": qps, "build_s": 0.0, "bytes": red.base.nbytes})
+        path = str(workdir / f"annoy-dims-{dims}.ann")
+        t0 = time.perf_counter()
+        build_annoy(red.base, path, ShardParams(trees=trees))
+        build_s = time.perf_counter() - t0
+        index = AnnoyIndex(dims, layout.METRIC)
+        index.load(path)
+        for sk in search_ks:
+            found = []
+            t0 = time.perf_counter()
+            for q, e in zip(red.queries, excl, strict=True):
+                found.append(_drop(index.get_nns_by_vector(q, K + extra, search_k=sk), e))
+            elapsed = time.perf_counter() - t0
+            rows.append({"dims": dims, "method": f"annoy {trees} trees", "search_k": sk,
+                         "recall_own": recall(found, own), "recall_full": recall(found, ds.truth),
+                         "qps": len(found) / elapsed, "build_s": build_s, "bytes": os.path.getsize(path)})
+        index.unload()
+        os.remove(path)
+        log.info("%s dims %d: exact keeps %.3f of the full-space top-%d", ds.name, dims, rows[-len(search_ks) - 1]
+                 ["recall_full"], K)
+    return rows
+
+
 # -- shards --------------------------------------------------------------------------------------------
 
 
@@ -501,6 +553,7 @@ def evaluate(ds: Dataset, args, workdir: Path, shard_counts: list[int]) -> dict[
     _, batch_qps = exact_truth(ds)
     single_qps = exact_single_qps(ds, min(len(ds.queries), 200))
     result: dict[str, Any] = {"name": ds.name, "n": len(ds.base), "queries": len(ds.queries),
+                              "dim": ds.base.shape[1],
                               "exact": {"qps_single": single_qps, "qps_batched": batch_qps,
                                         "bytes": ds.base.nbytes}}
     prebuilt = None
@@ -513,6 +566,7 @@ def evaluate(ds: Dataset, args, workdir: Path, shard_counts: list[int]) -> dict[
     if prebuilt:
         shutil.rmtree(workdir / "shards-1", ignore_errors=True)
     result["lsh"] = bench_lsh(ds, args.lsh_bits, args.lsh_radius)
+    result["dims"] = bench_dims(ds, args.dims, args.default_trees, args.search_k, workdir)
     result["peers"] = bench_peers(ds, workdir)
     return result
 
@@ -522,6 +576,10 @@ def evaluate(ds: Dataset, args, workdir: Path, shard_counts: list[int]) -> dict[
 
 def _mb(b: float) -> str:
     return f"{b / 1e6:,.1f}"
+
+
+def ds_dim(res: dict[str, Any]) -> int:
+    return int(res["dim"])
 
 
 def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -580,6 +638,14 @@ def report(results: list[dict[str, Any]], beam_rows: list[dict[str, Any]], synth
                               f"{r['candidates']:,.0f} ({r['candidate_share']:.1%})", r["rank"],
                               f"{r['recall']:.3f}", f"{r['qps']:,.0f}", f"{r['build_s']:.1f}", _mb(r["bytes"])]
                              for r in res["lsh"]]))
+        if res.get("dims"):
+            out += ["", f"Lower `--dims` (a further PCA of these vectors): recall against exact search in the reduced "
+                    f"space and against the full {ds_dim(res)}-d exact top-{K}:", ""]
+            out.append(md_table(["dims", "method", "search_k", "recall (own space)", f"recall ({ds_dim(res)}-d)",
+                                 "q/s", "build s", "MB"],
+                                [[r["dims"], r["method"], r["search_k"], f"{r['recall_own']:.3f}",
+                                  f"{r['recall_full']:.3f}", f"{r['qps']:,.0f}", f"{r['build_s']:.1f}",
+                                  _mb(r["bytes"])] for r in res["dims"]]))
         if res["peers"]:
             out += ["", "Peers:", ""]
             out.append(md_table(["library", "params", "recall", "q/s", "build s", "MB"],
@@ -619,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Annoy search_k grid, -1 = trees × k (default -1,1000,3000,10000,30000,100000)")
     p.add_argument("--lsh-bits", type=_ints, default=None, help="LSH bits grid (default 64,128,256)")
     p.add_argument("--lsh-radius", type=_ints, default=None, help="MIH substring radius grid (default 0,1,2,3)")
+    p.add_argument("--dims", type=_ints, default=None, help="reduced PCA dimensions to compare (default 64,128)")
     p.add_argument("--default-trees", type=int, default=50)
     p.add_argument("--default-bits", type=int, default=128)
     p.add_argument("--default-search-k", type=int, default=-1)
@@ -637,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     args.trees = args.trees or ([10, 50] if quick else [10, 25, 50, 100])
     args.search_k = args.search_k or ([-1, 1000, 5000, 20000] if quick else [-1, 1000, 3000, 10000, 30000, 100000])
     args.lsh_bits = args.lsh_bits or [64, 128, 256]
+    args.dims = args.dims if args.dims is not None else ([128] if quick else [64, 128])
     args.lsh_radius = args.lsh_radius or ([0, 1, 2] if quick else [0, 1, 2, 3])
     command = "python benchmarks/bench_index.py " + " ".join(argv if argv is not None else sys.argv[1:])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
