@@ -334,6 +334,31 @@ def test_config_is_checked_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def _staged_shard(staging, shard: int, attempt: str, planes, n: int = 30) -> str:
+    folder = staging / "attempts" / f"shard-{shard:05d}-{attempt}"
+    rows = _rows(n, dim=planes.shape[0], seed=shard)
+    build_shard(ShardItems.from_rows(rows, planes.shape[0]), shard, str(folder), planes, ShardParams(trees=2))
+    return str(folder)
+
+
+def test_publish_picks_a_complete_attempt_per_shard(tmp_path):
+    """A retried or zombie shard build leaves several attempts: only a whole one is published."""
+    staging = tmp_path / "_staging" / "v20260101T000000-abcdef"
+    planes = lsh.hyperplanes(8, 64, seed=1)
+    broken = _staged_shard(staging, 0, "aaaa", planes)
+    with open(os.path.join(broken, layout.ANNOY_FILE), "ab") as f:
+        f.write(b"x")  # an upload that does not match its SHARD.json
+    whole = _staged_shard(staging, 0, "bbbb", planes)
+    unfinished = _staged_shard(staging, 1, "cccc", planes)
+    os.remove(os.path.join(unfinished, layout.SHARD_INFO))  # SHARD.json is uploaded last
+    with pytest.raises(index.IndexBuildError, match="shard 1 has no complete build"):
+        index.choose_attempts(str(staging), 2)
+    finished = _staged_shard(staging, 1, "dddd", planes)
+    chosen = index.choose_attempts(str(staging), 2)
+    assert [folder for folder, _ in chosen] == [whole, finished]
+    assert [info["shard"] for _, info in chosen] == [0, 1]
+
+
 def _snapshot(version_dir) -> dict[str, bytes]:
     return {str(p.relative_to(version_dir)): p.read_bytes() for p in sorted(version_dir.rglob("*")) if p.is_file()}
 
@@ -392,9 +417,12 @@ def test_interrupted_builds_leave_the_published_index_and_the_next_build_cleans_
         Searcher(str(out), version=half[0])
 
     # 3. the next build (keeping the input dimension) publishes over the leftovers and cleans up
+    (out / "notes").mkdir()
+    (out / "notes" / "keep.txt").write_text("not ours")
     third = index.run(index.IndexConfig(**cfg | {"dims": 0}, keep_versions=1, stale_after_seconds=0))
     assert json.loads((out / layout.POINTER).read_text()) == {"version": third["version"]}
-    assert sorted(p.name for p in out.iterdir()) == sorted([layout.POINTER, third["version"]])
+    assert sorted(p.name for p in out.iterdir()) == sorted([layout.POINTER, third["version"], "notes"])
+    assert (out / "notes" / "keep.txt").read_text() == "not ours"
     assert third["dimension"] == {"input": 256, "output": 256}
     assert third["transform"]["steps"] == ["l2"]
     s = Searcher(str(out))
