@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--trees", type=int, default=50)
     ix.add_argument("--lsh-bits", type=int, default=128, choices=(64, 128, 256))
     ix.add_argument("--seed", type=int, default=1234)
+    ix.add_argument("--keep-versions", type=int, default=3, help="complete versions kept (LATEST's always is)")
+    ix.add_argument("--annoy-on-disk-mb", type=int, default=None,
+                    help="build a shard's Annoy in its file (not RAM) above this estimated size")
+    ix.add_argument("--stale-after-hours", type=float, default=24.0,
+                    help="unpublished builds older than this are cleaned up")
 
     q = sub.add_parser("query", help="image files → nearest neighbours")
     q.add_argument("--index", required=True)
@@ -153,7 +158,9 @@ def _index(args, beam_args: list[str]) -> int:
 
     cfg = index.IndexConfig(
         features=args.features, output=args.output, shards=args.shards, dims=args.dims, trees=args.trees,
-        lsh_bits=args.lsh_bits, seed=args.seed,
+        lsh_bits=args.lsh_bits, seed=args.seed, keep_versions=args.keep_versions,
+        stale_after_seconds=args.stale_after_hours * 3600,
+        **({"annoy_on_disk_bytes": args.annoy_on_disk_mb << 20} if args.annoy_on_disk_mb else {}),
     )
     m = index.run(cfg, beam_args)
     print_index_summary(m)
