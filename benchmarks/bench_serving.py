@@ -1,8 +1,8 @@
 """Serving: query latency, batch throughput and retrieval quality, with their baselines in the same run.
 
 * **Latency, vector given** (p50/p99 of ``Searcher.search``, one query at a time) and **batch throughput**
-  (``Searcher.search_arrays``) on a synthetic index of clustered 256-d vectors built by the real
-  ``cbir index`` job at 1 and several shards, for exact, Annoy, Annoy + re-rank, LSH and
+  (``Searcher.search_arrays``) on a synthetic index of clustered 512-d vectors (PCA to 256) built by the
+  real ``cbir index`` job at 1 and several shards, for exact, Annoy, Annoy + re-rank, LSH and
   Annoy + re-rank + QE, next to the baseline: numpy brute force over a float32 matrix in RAM.
   Recall@10 against exact search is printed with each, so speed is never read without quality.
 * **Latency, image given**: decode + backbone + transform_fn + search for one photo at a time on the
@@ -122,6 +122,7 @@ METHOD_CONFIGS = [
     ("exact", {"method": "exact"}),
     ("annoy", {"method": "annoy"}),
     ("annoy+rerank", {"method": "annoy", "rerank": True}),
+    ("annoy+rerank, search_k 10000", {"method": "annoy", "rerank": True, "search_k": 10000}),
     ("lsh (re-ranked)", {"method": "lsh"}),
     ("annoy+rerank+qe3", {"method": "annoy", "rerank": True, "qe": 3}),
 ]
@@ -270,15 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     corpora = ["flowers17-dev"] if args.quick else ["flowers17-dev", "imagenette-dev"]
     work = os.path.abspath(args.work + ("-quick" if args.quick else ""))
     os.makedirs(work, exist_ok=True)
-    print(f"bench_serving: {machine()}\n  synthetic {n_vectors} × 256 (clustered), shards {shard_counts}, "
-          f"{n_queries} single queries, {n_images} image queries, corpora {corpora}, QE {args.qe}, work {work}")
+    print(f"bench_serving: {machine()}\n  synthetic {n_vectors} × 512 → PCA 256 (clustered), "
+          f"shards {shard_counts}, {n_queries} single queries, {n_images} image queries, corpora {corpora}, "
+          f"QE {args.qe}, work {work}")
 
     print("\nlatency and throughput, vector given (ms; queries/s):")
-    features = synthetic_features(os.path.join(work, f"synthetic-{n_vectors}"), n_vectors, 256,
+    features = synthetic_features(os.path.join(work, f"synthetic-{n_vectors}x512"), n_vectors, 512,
                                   max(50, n_vectors // 100))
     vector_rows = []
     for shards in shard_counts:
-        idx = _index(features, os.path.join(work, f"synthetic-{n_vectors}-s{shards}"), shards, 0, 50)
+        name = f"synthetic-{n_vectors}x512-pca256-s{shards}"
+        idx = _index(features, os.path.join(work, name), shards, 256, 50)
         vector_rows += bench_vectors(idx, n_queries, min(n_vectors, 2000 if not args.quick else 500))
 
     print("\nquality (leave-one-out, labels = folders):")
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     md = "\n\n".join([
         "## bench_serving: query latency, batch throughput, retrieval quality",
         f"Command: `{command}`  \nMachine: {machine()}",
-        f"**Vector given**: synthetic index of {n_vectors} clustered 256-d vectors (`cbir index --dims 0 "
+        f"**Vector given**: synthetic index of {n_vectors} clustered 512-d vectors (`cbir index --dims 256 "
         f"--trees 50`), queries are perturbed indexed vectors; p50/p99 of one `Searcher.search` at a time "
         f"({n_queries} queries), batch = `search_arrays` over {min(n_vectors, 2000)} queries; recall@10 against "
         "exact search (with the same QE). Baseline: numpy brute force over a float32 matrix in RAM.",

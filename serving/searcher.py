@@ -215,6 +215,12 @@ class Searcher:
         log.info("opened %s: %d items in %d shards (%s)", self.version_dir, self.size, len(self.shards),
                  ", ".join(str(n) for n in sizes))
 
+    @property
+    def default_search_k(self) -> int:
+        """Annoy's search_k when the caller gives none: the index's recommendation if its manifest
+        records one (``annoy.search_k``), else -1, Annoy's own default (trees × candidates)."""
+        return int(self.manifest.get("annoy", {}).get("search_k", -1) or -1)
+
     # -- identity ---------------------------------------------------------------------------------
 
     @property
@@ -366,8 +372,9 @@ class Searcher:
 
         Rows with fewer than k results (LSH finding few candidates, tiny indexes) are
         padded with id -1 and score -inf. ``exclude`` holds one global id per query
-        (-1 for none). Exact search and re-ranking are matrix products over the batch;
-        Annoy and LSH run per vector, in parallel over shards and query chunks.
+        (-1 for none); ``search_k`` -1 means :attr:`default_search_k`. Exact search and
+        re-ranking are matrix products over the batch; Annoy and LSH run per vector, in
+        parallel over shards and query chunks.
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -387,7 +394,7 @@ class Searcher:
         out_scores = np.full((len(q), k), -np.inf, np.float32)
         for lo in range(0, len(q), batch_size):
             hi = min(lo + batch_size, len(q))
-            opts = (method, rerank, search_k, candidates, lsh_radius)
+            opts = (method, rerank, search_k if search_k != -1 else self.default_search_k, candidates, lsh_radius)
             qb = normalise_rows(q[lo:hi])
             ids, scores = self._search_once(qb, k, opts, excl[lo:hi])
             if qe > 0:
@@ -408,8 +415,9 @@ class Searcher:
         shards = [s for s in self.shards if s.size]
         if not shards:
             return np.full((len(q), k), -1, np.int64), np.full((len(q), k), -np.inf, np.float32)
-        # exact search multiplies whole blocks (BLAS is multi-threaded already): one task per shard;
-        # Annoy and LSH go vector by vector, so split the batch so that every thread has work
+        # Annoy and LSH go vector by vector with the GIL released: split the batch so every thread has
+        # work. Exact search is BLAS, multi-threaded already: running shards side by side would only
+        # oversubscribe the cores (measured: 4 shards in parallel were slower than one after another).
         chunks = 1 if method == "exact" else max(1, min(len(q), -(-self._threads // len(shards))))
         bounds = np.linspace(0, len(q), chunks + 1).astype(int)
         tasks = [(s, lo, hi) for s in shards for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
@@ -418,7 +426,8 @@ class Searcher:
             s, lo, hi = task
             return self._search_shard(s, q[lo:hi], per_shard, per_shard_lsh, method, rerank, search_k, lsh_radius)
 
-        results = [run(tasks[0])] if len(tasks) == 1 else list(self._pool.map(run, tasks))
+        serial = len(tasks) == 1 or method == "exact"
+        results = [run(t) for t in tasks] if serial else list(self._pool.map(run, tasks))
         per_shard_ids, per_shard_scores = {}, {}
         for (s, _, _), (ids, scores) in zip(tasks, results, strict=True):
             gids = np.where(ids >= 0, ids + self.offsets[s.number], -1)
@@ -577,17 +586,26 @@ def _union_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _exact_top(vectors: np.ndarray, q: np.ndarray, n: int) -> np.ndarray:
-    """Local ids of the n highest inner products per query, blockwise over the stored vectors."""
+    """Local ids of the n highest inner products per query, blockwise over the stored vectors.
+
+    Each block is cut to its own top n before it meets the running best, so no array
+    wider than the block's similarities (and no id array that wide) is ever built.
+    """
     best_ids = np.zeros((len(q), 0), np.int64)
     best = np.zeros((len(q), 0), np.float32)
     for start in range(0, vectors.shape[0], _EXACT_BLOCK):
         block = np.asarray(vectors[start:start + _EXACT_BLOCK], dtype=np.float32)
-        sims = np.concatenate([best, q @ block.T], axis=1)
-        ids = np.concatenate([best_ids, np.broadcast_to(np.arange(start, start + len(block)), (len(q), len(block)))],
-                             axis=1)
+        sims = q @ block.T
         if sims.shape[1] > n:
             part = np.argpartition(-sims, n - 1, axis=1)[:, :n]
-            sims, ids = np.take_along_axis(sims, part, axis=1), np.take_along_axis(ids, part, axis=1)
+            sims = np.take_along_axis(sims, part, axis=1)
+        else:
+            part = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
+        sims = np.concatenate([best, sims], axis=1)
+        ids = np.concatenate([best_ids, part + start], axis=1)
+        if sims.shape[1] > n:
+            keep = np.argpartition(-sims, n - 1, axis=1)[:, :n]
+            sims, ids = np.take_along_axis(sims, keep, axis=1), np.take_along_axis(ids, keep, axis=1)
         best, best_ids = sims, ids
     return best_ids
 

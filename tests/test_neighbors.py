@@ -52,7 +52,7 @@ def small_index(tmp_path_factory, flowers, mobilenet_spec):
     return root, manifest
 
 
-def test_neighbor_table_never_holds_the_item_and_marks_duplicates(small_index, tmp_path):
+def test_neighbor_table_never_holds_the_item_and_marks_duplicates(small_index, tmp_path, capsys):
     root, index_manifest = small_index
     out = tmp_path / "neighbors"
     m = run(NeighborsConfig(index=str(root / "index"), output=str(out), options=NeighborOptions(k=5),
@@ -87,9 +87,13 @@ def test_neighbor_table_never_holds_the_item_and_marks_duplicates(small_index, t
     assert sum(f["rows"] for f in m["files"]) == 17
     first_parts = sorted(p.name for p in (out / "neighbors").iterdir())
 
-    # a second run with k beyond the corpus: every other item, still never itself; old parts replaced
-    m2 = run(NeighborsConfig(index=str(root / "index"), output=str(out),
-                             options=NeighborOptions(k=50, method="exact", rerank=False), chunk_size=100))
+    # a second run, from the command line with a Beam option passed through, with k beyond the corpus:
+    # every other item, still never itself; the first run's parts are replaced
+    assert cli.main(["neighbors", "--index", str(root / "index"), "--output", str(out), "-k", "50",
+                     "--method", "exact", "--no-rerank", "--chunk-size", "100", "--direct_num_workers", "1"]) == 0
+    assert "neighbors: 17 rows (k=50, exact)" in capsys.readouterr().out
+    m2 = json.loads((out / "MANIFEST.json").read_text())
+    assert m2["options"]["k"] == 50 and m2["run_id"] != m["run_id"]
     table = read_neighbors(str(out))
     assert table.num_rows == 17
     for r in table.to_pylist():

@@ -252,3 +252,28 @@ def test_another_transform_is_refused(two_builds, one_shard, three_shards, weigh
     top = one_shard.search(vectors[0], k=1, rerank=True)[0]
     assert one_shard.describe(top, 1)["image_id"] == "3/image_0241.jpg" or top.score > 0.999
     assert top.score > 0.99
+
+
+def test_search_k_defaults_to_the_manifest_recommendation(two_builds, tmp_path):
+    """An index may record the Annoy search_k its builder tuned; -1 then means that value."""
+    out, _, three = two_builds
+    version = three["version"]
+    shutil.copytree(out / version, tmp_path / version)
+    with Searcher(str(tmp_path), version=version, verify=False) as plain:
+        assert plain.default_search_k == -1
+        queries = plain.all_vectors()
+    manifest = json.loads((tmp_path / version / layout.MANIFEST).read_text())
+    manifest["annoy"]["search_k"] = 1  # a single node per shard: clearly worse than Annoy's default
+    (tmp_path / version / layout.MANIFEST).write_text(json.dumps(manifest))
+    with Searcher(str(tmp_path), version=version, verify=False) as tuned:
+        assert tuned.default_search_k == 1
+        exact, _ = tuned.search_arrays(queries, k=K, method="exact")
+        starved, _ = tuned.search_arrays(queries, k=K)
+        explicit, _ = tuned.search_arrays(queries, k=K, search_k=1)
+        generous, _ = tuned.search_arrays(queries, k=K, search_k=1 << 20)
+    assert np.array_equal(starved, explicit)
+
+    def recall(ids):
+        return np.mean([len(set(a) & set(e)) / K for a, e in zip(ids, exact, strict=True)])
+
+    assert recall(starved) < recall(generous) and recall(generous) > 0.99
