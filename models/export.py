@@ -303,7 +303,7 @@ def decode_image(data, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, reduced_
                     for r in _JPEG_RATIOS
                 ],
             )
-        return tf.cast(apply_orientation(decoded, exif_orientation(data)), tf.float32)
+        return tf.cast(decoded, tf.float32)
 
     def other():
         h, w = _header_size(data)
@@ -311,10 +311,10 @@ def decode_image(data, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, reduced_
             decoded = tf.io.decode_image(data, channels=0, expand_animations=False, dtype=tf.uint8)
         shape = tf.cast(tf.shape(decoded), tf.int64)
         with tf.control_dependencies([_check_pixels(shape[0], shape[1], max_pixels, "decoded image")]):
-            return apply_orientation(_to_rgb(decoded), exif_orientation(data))
+            return _to_rgb(decoded)
 
     tf.debugging.assert_positive(tf.strings.length(data), message="ImageDecodeError: empty file")
-    image = tf.cond(tf.io.is_jpeg(data), jpeg, other)
+    image = apply_orientation(tf.cond(tf.io.is_jpeg(data), jpeg, other), exif_orientation(data))
     image.set_shape([None, None, 3])
     hw = tf.shape(image)[:2]
     resized = tf.cond(
@@ -377,8 +377,6 @@ def _servable(backbone: Backbone, fingerprint: str, max_pixels: int, reduced_dec
             FINGERPRINT_OUTPUT: fill(fingerprint, images),
         }
 
-    module.pixels = pixels_fn
-    module.images = bytes_fn
     signatures = {BYTES_SIGNATURE: bytes_fn, PIXELS_SIGNATURE: pixels_fn}
 
     if index is not None:
@@ -399,15 +397,15 @@ def _servable(backbone: Backbone, fingerprint: str, max_pixels: int, reduced_dec
                 TRANSFORM_FINGERPRINT_OUTPUT: fill(index.transform_fingerprint, images),
             }
 
-        module.transformed = transformed_fn
         signatures[TRANSFORMED_SIGNATURE] = transformed_fn
-    return module, signatures
+    # Concrete functions, traced once here: handing tf.functions to tf.saved_model.save (or
+    # attaching them to the module) traces them again in its save context.
+    return module, {name: fn.get_concrete_function() for name, fn in signatures.items()}
 
 
 def _signature_table(signatures: dict[str, Any]) -> dict[str, Any]:
     out = {}
-    for name, fn in signatures.items():
-        concrete = fn.get_concrete_function()
+    for name, concrete in signatures.items():
         args, kwargs = concrete.structured_input_signature
         inputs = {**{spec.name: spec for spec in args}, **kwargs}
         out[name] = {

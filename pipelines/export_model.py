@@ -104,7 +104,8 @@ def run(args, beam_args: list[str]) -> int:
         print(f"  signature {name}: {ins} -> {outs}")
     if index is not None:
         print(f"  'transformed' applies the transform_fn of index version {index.version} ({index.dimension}-d)")
-    print(f"serve: tensorflow_model_server --model_name=cbir --model_base_path={args.output} "
-          "--port=8500 --rest_api_port=8501   (model_base_path must be absolute)")
-    print(f"extract through it: cbir extract --model savedmodel:{result.path} --signature pixels ...")
+    base = args.output if "://" in args.output else os.path.abspath(args.output)
+    print(f"serve: tensorflow_model_server --model_name=cbir --model_base_path={base} --port=8500 --rest_api_port=8501")
+    print(f"extract through it: cbir extract --model savedmodel:{result.path} --signature pixels "
+          f"--input-size {info['input_size']} --input ... --output ...")
     return 0

@@ -6,7 +6,9 @@ Tolerances (README, "Serving with TensorFlow Serving"):
 * ``serving_default`` (bytes) vs the pipeline (Pillow decode + Backbone.predict): cosine ≥ 0.999
   per photo. JPEG decoding is bit-identical (accurate DCT at Pillow's draft scale); the resize
   differs by at most one grey level (TF antialiased bilinear vs Pillow's fixed-point bilinear),
-  which moved the features by a cosine of at least 0.99970 over all 1720 project photos.
+  which kept the cosine at or above 0.99970 on every flowers17-dev photo (reduced-scale decode),
+  on the same photos re-encoded at 400×300, 300×400 and 260×230 (full-scale decode), and at 1.0
+  on imagenette-dev (224×224 already: no resize).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def exported(tmp_path_factory, mobilenet_spec, flowers_index):
 
 @pytest.fixture(scope="module")
 def photos(flowers, imagenette) -> list[str]:
-    """Flowers are ≥ 2× the input size (reduced-scale JPEG decode); imagenette photos are not."""
+    """Flowers are ≥ 2× the input size (reduced-scale JPEG decode); imagenette-dev photos are 224×224."""
     return _sample(flowers, 12) + _sample(imagenette, 12)
 
 
@@ -137,14 +139,24 @@ def test_pixels_signature_equals_backbone_predict(exported, backbone, photos):
     np.testing.assert_allclose(served, backbone.predict(pixels), rtol=0, atol=PIXEL_ATOL)
 
 
+def _reencoded(paths: list[str], size: tuple[int, int]) -> list[bytes]:
+    """Real photos below twice the input size: full-scale decode, then a downscale."""
+    out = []
+    for p in paths:
+        buf = io.BytesIO()
+        Image.open(p).convert("RGB").resize(size, Image.Resampling.LANCZOS).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
 def test_bytes_signature_matches_the_pipeline(exported, backbone, photos, mobilenet_spec):
     _, _, loaded = exported
-    blobs = _read(photos)
+    blobs = _read(photos) + _reencoded(photos[:6], (400, 300))
     pipeline = backbone.predict(np.stack([decode_and_resize(b, 224).pixels for b in blobs]))
     out = loaded.signatures["serving_default"](images=tf.constant(blobs))
     served = out["features"].numpy()
     cos = _cosine(served, pipeline)
-    assert cos.min() >= MIN_COSINE, dict(zip(photos, cos.round(5), strict=True))
+    assert cos.min() >= MIN_COSINE, cos.round(5)
     assert set(out["model_fingerprint"].numpy()) == {mobilenet_spec.fingerprint().encode()}
     # not vacuous: an unrelated photo is far below the bar
     assert _cosine(served[:1], pipeline[-1:])[0] < 0.95
