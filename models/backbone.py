@@ -9,6 +9,7 @@ same arithmetic.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -51,7 +52,7 @@ class ModelSpec:
 
     def size(self) -> int:
         if self.is_savedmodel:
-            return self.input_size or 224
+            return self.input_size or _exported_input_size(self.savedmodel_path) or 224
         return self.preset().input_size
 
     def weights_path(self) -> str | None:
@@ -86,6 +87,16 @@ class ModelSpec:
 
     def fingerprint(self) -> str:
         return fingerprint(self.describe())
+
+
+def _exported_input_size(path: str) -> int | None:
+    """The input side recorded by ``cbir export-model`` (assets.extra/cbir_export.json), if any."""
+    card = os.path.join(path, "assets.extra", "cbir_export.json")
+    try:
+        with open(card) as f:
+            return int(json.load(f)["input_size"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _savedmodel_digest(path: str) -> str:
