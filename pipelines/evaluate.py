@@ -220,7 +220,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--qe", type=int, default=0, help="query expansion with the top N")
     p.add_argument("--sample", type=int, default=0, help="use N random items as queries (default all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--search-k", type=int, default=-1)
+    p.add_argument("--search-k", type=int, default=-1,
+                   help="Annoy search_k (default: the manifest's annoy.search_k, else trees × candidates)")
     p.add_argument("--lsh-radius", type=int, default=LSH_RADIUS)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", default=None, help="write the precision–recall curve to this PNG")

@@ -260,7 +260,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="annoy")
     p.add_argument("--no-rerank", action="store_true", help="keep Annoy's scores instead of re-ranking 4k exactly")
     p.add_argument("--qe", type=int, default=0, help="query expansion with the top N")
-    p.add_argument("--search-k", type=int, default=-1, help="Annoy search_k (default trees × candidates)")
+    p.add_argument("--search-k", type=int, default=-1,
+                   help="Annoy search_k (default: the manifest's annoy.search_k, else trees × candidates)")
     p.add_argument("--lsh-radius", type=int, default=LSH_RADIUS, help="largest MIH substring radius")
     p.add_argument("--chunk-size", type=int, default=2048, help="items per unit of work")
     p.add_argument("--batch-size", type=int, default=256, help="queries searched as one batch")
