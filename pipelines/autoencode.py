@@ -118,7 +118,8 @@ def run(features: str, output: str, cfg: autoencoder.AutoencoderConfig, train_sa
     counts = {"read": counts["ok"], "ok": counts["ok"], "failed": 0}
     encoder_desc = {"kind": "denoising_autoencoder" if cfg.denoising else "autoencoder",
                     "config": dataclasses.asdict(cfg), "saved_model_digest": encoder_digest,
-                    "path": final_encoder, "val_loss": min(trained.history["val_loss"])}
+                    "path": final_encoder, "val_loss": min(trained.history["val_loss"]),
+                    "source_fingerprint": source["model_fingerprint"]}
     model = {**source["model"], "encoder": encoder_desc}
     manifest = {
         **{k: source[k] for k in ("input_size", "preprocessing", "precision") if k in source},

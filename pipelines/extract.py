@@ -111,6 +111,7 @@ def run(cfg: ExtractConfig, beam_args: list[str] | None = None) -> dict[str, Any
     spec = InputSpec.parse(cfg.input)
     spec.check_not_empty()
     model_desc = cfg.model.describe()  # resolves weights here: a missing file fails before any work
+    model_desc["reduced_decode"] = cfg.reduced_decode  # the query path decodes the same way
     previous_files = _reusable_files(cfg)
     run_id = new_run_id()
     staging = fsutil.join(cfg.output, "_staging", run_id)
@@ -146,7 +147,8 @@ def _reusable_files(cfg: ExtractConfig) -> list[str]:
     if not cfg.previous:
         return []
     previous = read_manifest(cfg.previous)
-    why_not = reusable(previous, cfg.model.fingerprint(), cfg.feature_dtype, cfg.model.precision)
+    why_not = reusable(previous, cfg.model.fingerprint(), cfg.feature_dtype, cfg.model.precision,
+                       cfg.reduced_decode)
     if why_not:
         log.warning("not reusing %s: %s; extracting everything", cfg.previous, why_not)
         return []

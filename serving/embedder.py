@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import numpy as np
 
 from models.backbone import Backbone, ModelSpec
 from models.imaging import DEFAULT_MAX_PIXELS, decode_and_resize
+from models.presets import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,19 @@ def spec_from_manifest(manifest: dict[str, Any], weights_dir: str | None = None,
 
 
 def check_same_model(spec: ModelSpec, manifest: dict[str, Any]) -> None:
-    """Refuses a query model whose features are not interchangeable with the index's."""
+    """Refuses a query model whose features are not interchangeable with the index's.
+
+    For an index of autoencoder codes the backbone must match the encoder's source
+    features, and the encoder must be the one the codes were made with.
+    """
     expected = manifest["model_fingerprint"]
     got = spec.fingerprint()
+    encoder = manifest["model"].get("encoder")
+    if encoder:
+        if fingerprint({"source": encoder.get("source_fingerprint"), "encoder": encoder["saved_model_digest"]}) \
+                != expected:
+            raise ModelMismatchError("the index's encoder record does not match its fingerprint: rebuild it")
+        expected = encoder["source_fingerprint"]
     if got != expected:
         ours = spec.describe()
         theirs = manifest["model"]
@@ -76,20 +88,37 @@ class Embedder:
         self.spec = spec
         self.backbone = Backbone(spec)
         self.max_pixels = max_pixels
+        # decode as the corpus was decoded (extract --full-decode turns reduced-scale JPEG off)
+        self.reduced_decode = bool(manifest["model"].get("reduced_decode", True))
+        self._encode = self._load_encoder(manifest["model"].get("encoder"))
         self._tft = tft.TFTransformOutput(version_dir)
         self.dim = int(manifest["dimension"]["output"])
+
+    @staticmethod
+    def _load_encoder(encoder: dict[str, Any] | None):
+        if not encoder:
+            return None
+        from models import autoencoder
+        from models.weights import file_digest
+
+        path = encoder["path"]
+        if file_digest(os.path.join(path, "saved_model.pb")) != encoder["saved_model_digest"]:
+            raise ModelMismatchError(f"the encoder at {path} is not the one the index was built with")
+        return autoencoder.load_encoder(path)
 
     def transform(self, features: np.ndarray) -> np.ndarray:
         """Raw backbone features (n, D_in) → index space (n, D_out), L2-normalised."""
         import tensorflow as tf
 
+        if self._encode is not None:
+            features = self._encode(features)
         out = self._tft.transform_raw_features(
             {"feature": tf.constant(np.asarray(features, dtype=np.float32))}, drop_unused_features=True
         )
         return out["feature"].numpy()
 
     def decode(self, data: bytes) -> np.ndarray:
-        return decode_and_resize(data, self.backbone.size, self.max_pixels).pixels
+        return decode_and_resize(data, self.backbone.size, self.max_pixels, self.reduced_decode).pixels
 
     def embed_bytes(self, blobs: list[bytes]) -> tuple[np.ndarray, list[int], list[DecodeFailure]]:
         """Embeds every decodable blob as one batch; returns (vectors, their indices, failures)."""

@@ -9,6 +9,8 @@ import pytest
 
 from models import autoencoder
 from pipelines import autoencode, extract, index
+from serving.embedder import open_embedder
+from serving.searcher import Searcher
 from transforms import features_io
 
 
@@ -47,7 +49,7 @@ def test_too_few_vectors_is_an_error():
         autoencoder.train(np.ones((3, 8), np.float32), autoencoder.AutoencoderConfig(code_dim=2))
 
 
-def test_autoencode_job_rewrites_features_that_index(tmp_path, flowers_features, flowers_matrix):
+def test_autoencode_job_rewrites_features_that_index(tmp_path, flowers, flowers_features, flowers_matrix):
     src, source_manifest = flowers_features
     out = tmp_path / "codes"
     cfg = autoencoder.AutoencoderConfig(code_dim=16, epochs=5, noise_stddev=0.01)
@@ -66,3 +68,11 @@ def test_autoencode_job_rewrites_features_that_index(tmp_path, flowers_features,
     assert np.max(np.abs(features_io.feature_matrix(table) - direct)) < 1e-5
     im = index.run(index.IndexConfig(features=str(out), output=str(tmp_path / "index"), dims=0, trees=5))
     assert im["items"] == 720 and im["dimension"]["output"] == 16
+    # the query path applies backbone → encoder → transform, and finds the photo itself
+    with Searcher(str(tmp_path / "index")) as searcher:
+        embedder = open_embedder(searcher.version_dir, searcher.manifest)
+        photo = flowers / "4" / sorted(p.name for p in (flowers / "4").iterdir())[0]
+        vectors, _, failures = embedder.embed_files([str(photo)])
+        assert not failures and vectors.shape == (1, 16)
+        top = searcher.describe(searcher.search(vectors[0], k=1, method="exact")[0], 1)
+        assert top["image_id"] == f"4/{photo.name}" and top["score"] > 0.99

@@ -95,8 +95,11 @@ class ReuseFeatures(beam.PTransform):
         return split.new, reused
 
 
-def reusable(previous_manifest: dict[str, Any], fingerprint: str, feature_dtype: str, precision: str) -> str | None:
+def reusable(previous_manifest: dict[str, Any], fingerprint: str, feature_dtype: str, precision: str,
+             reduced_decode: bool = True) -> str | None:
     """None when the previous run's features can be reused, else the reason they cannot."""
+    if previous_manifest.get("model", {}).get("reduced_decode", True) != reduced_decode:
+        return "the previous run decoded JPEG differently (--full-decode)"
     if previous_manifest.get("model_fingerprint") != fingerprint:
         return (f"model fingerprint {previous_manifest.get('model_fingerprint')} differs from {fingerprint}")
     if previous_manifest.get("feature_dtype", "float32") != feature_dtype:
