@@ -27,7 +27,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.backbone import ModelSpec
 from models.imaging import DEFAULT_MAX_PIXELS
-from transforms import features_io, fsutil
+from transforms import features_io, fsutil, job_metrics
 from transforms.decode import DecodeFn
 from transforms.incremental import ReuseFeatures, reusable
 from transforms.inference import BatchingOptions, ExtractFeatures
@@ -181,7 +181,7 @@ def publish(
         "failures_by_reason": failure_reasons,
         "elapsed_seconds": round(elapsed, 3),
         "images_per_second": round(counts["read"] / elapsed, 2) if elapsed > 0 else None,
-        "metrics": _counters(result),
+        "metrics": job_metrics.collect(result, ("cbir", "cbir_inference")),
         "options": _options(cfg),
         "files": files,
     }
@@ -238,24 +238,6 @@ def _previous_files(output: str) -> list[str]:
         for path in fsutil.match(fsutil.join(output, kind, "part-*.parquet")):
             found.append(f"{kind}/{path.rsplit('/', 1)[-1]}")
     return found
-
-
-def _counters(result: Any) -> dict[str, Any]:
-    """Our counters and RunInference's own metrics (batch sizes, latencies), as the runner reports them."""
-    try:
-        metrics = result.metrics().query()
-    except Exception:  # some runners expose no metrics to the launcher
-        return {}
-    out: dict[str, Any] = {}
-    for c in metrics["counters"]:
-        if c.key.metric.namespace in ("cbir", "cbir_inference"):
-            out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
-    for d in metrics["distributions"]:
-        if d.key.metric.namespace in ("cbir", "cbir_inference"):
-            v = d.committed or d.attempted
-            if v is not None and v.count:
-                out[d.key.metric.name] = {"count": v.count, "min": v.min, "max": v.max, "mean": round(v.mean, 3)}
-    return dict(sorted(out.items()))
 
 
 def _options(cfg: ExtractConfig) -> dict[str, Any]:

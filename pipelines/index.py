@@ -34,7 +34,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from index_builder import layout, lsh
 from index_builder.shard import DEFAULT_ON_DISK_BYTES, ShardParams
 from pipelines.extract import feature_files, read_manifest
-from transforms import fsutil
+from transforms import fsutil, job_metrics
 from transforms.index_build import (
     ATTEMPTS,
     BuildShardFn,
@@ -130,7 +130,8 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
         result.wait_until_finish()
     _write_npy(fsutil.join(staging, layout.LSH_PLANES), planes)
     elapsed = time.time() - started
-    manifest = publish(cfg, version, staging, features_manifest, dim_in, dim_out, elapsed, _counters(result))
+    counters = job_metrics.collect(result, ("cbir_index",), distributions=False)
+    manifest = publish(cfg, version, staging, features_manifest, dim_in, dim_out, elapsed, counters)
     try:
         collect_garbage(cfg.output, version, cfg.keep_versions, cfg.stale_after_seconds)
     except Exception as exc:  # the new version is published; a failed cleanup must not undo that
@@ -149,18 +150,6 @@ def _write_npy(path: str, array: np.ndarray) -> None:
     np.save(buf, array)
     with beam.io.filesystems.FileSystems.create(path) as f:
         f.write(buf.getvalue())
-
-
-def _counters(result: Any) -> dict[str, int]:
-    try:
-        counters = result.metrics().query()["counters"]
-    except Exception:  # some runners expose no metrics to the launcher
-        return {}
-    out: dict[str, int] = {}
-    for c in counters:
-        if c.key.metric.namespace == "cbir_index":
-            out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
-    return dict(sorted(out.items()))
 
 
 def _sizes(pattern: str) -> dict[str, int]:

@@ -37,7 +37,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from index_builder import layout
 from serving.neighbors import SCHEMA, DuplicateGroups, NeighborOptions, chunks, neighbor_table
 from serving.searcher import LSH_RADIUS, METHODS, Searcher, space_fingerprint
-from transforms import features_io, fsutil
+from transforms import features_io, fsutil, job_metrics
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def publish(cfg: NeighborsConfig, run_id: str, staging: str, version: str, index
         raise RuntimeError(f"the job wrote {total} neighbour rows for {index_manifest['items']} indexed items; "
                            "nothing was published")
     fsutil.move(parts, moves_to)
-    counters = _counters(result)
+    counters = job_metrics.collect(result, ("cbir_neighbors",), distributions=False)
     manifest = {
         "kind": "neighbors",
         "format_version": FORMAT_VERSION,
@@ -223,18 +223,6 @@ def publish(cfg: NeighborsConfig, run_id: str, staging: str, version: str, index
     fsutil.delete_tree(staging)
     log.info("published %d neighbour rows in %d file(s) to %s", total, len(files), cfg.output)
     return manifest
-
-
-def _counters(result: Any) -> dict[str, int]:
-    try:
-        metrics = result.metrics().query()
-    except Exception:  # some runners report no metrics to the launcher
-        return {}
-    out: dict[str, int] = {}
-    for c in metrics["counters"]:
-        if c.key.metric.namespace == "cbir_neighbors":
-            out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
-    return out
 
 
 def read_neighbors(output: str):

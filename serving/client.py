@@ -38,7 +38,7 @@ from models.export import (
     TRANSFORM_FINGERPRINT_OUTPUT,
     read_export_info,
 )
-from serving.embedder import DecodeFailure, ModelMismatchError
+from serving.embedder import DecodeFailure, FileEmbedding, ModelMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ def check_prediction(prediction: Prediction, manifest: dict[str, Any], endpoint:
         )
 
 
-class ServingEmbedder:
+class ServingEmbedder(FileEmbedding):
     """The query embedder of ``cbir query --serving``: same interface as :class:`serving.embedder.Embedder`.
 
     Images go to TF Serving in batches; the index's ``transform_fn`` is applied
@@ -445,15 +445,6 @@ class ServingEmbedder:
             return np.zeros((0, self.dim), np.float32), ok, failures
         return np.concatenate(vectors).astype(np.float32), ok, failures
 
-    def embed_files(self, paths: list[str]) -> tuple[np.ndarray, list[str], list[DecodeFailure]]:
-        blobs = []
-        for p in paths:
-            with open(p, "rb") as f:
-                blobs.append(f.read())
-        vectors, ok, failures = self.embed_bytes(blobs)
-        for fail in failures:
-            fail.path = paths[int(fail.path)]
-        return vectors, [paths[i] for i in ok], failures
 
     def close(self) -> None:
         self.client.close()

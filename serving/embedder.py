@@ -72,7 +72,24 @@ class DecodeFailure:
     message: str
 
 
-class Embedder:
+class FileEmbedding:
+    """``embed_files`` on top of an ``embed_bytes``; shared by the local and the TF Serving embedders."""
+
+    def embed_bytes(self, blobs: list[bytes]) -> tuple[np.ndarray, list[int], list[DecodeFailure]]:
+        raise NotImplementedError
+
+    def embed_files(self, paths: list[str]) -> tuple[np.ndarray, list[str], list[DecodeFailure]]:
+        blobs = []
+        for p in paths:
+            with open(p, "rb") as f:
+                blobs.append(f.read())
+        vectors, ok, failures = self.embed_bytes(blobs)
+        for fail in failures:
+            fail.path = paths[int(fail.path)]
+        return vectors, [paths[i] for i in ok], failures
+
+
+class Embedder(FileEmbedding):
     """Loads the backbone once and the index's transform_fn; embeds batches of images."""
 
     def __init__(self, version_dir: str, manifest: dict[str, Any], spec: ModelSpec,
@@ -134,15 +151,6 @@ class Embedder:
         raw = self.backbone.predict(np.stack(pixels))
         return self.transform(raw), ok, failures
 
-    def embed_files(self, paths: list[str]) -> tuple[np.ndarray, list[str], list[DecodeFailure]]:
-        blobs = []
-        for p in paths:
-            with open(p, "rb") as f:
-                blobs.append(f.read())
-        vectors, ok, failures = self.embed_bytes(blobs)
-        for fail in failures:
-            fail.path = paths[int(fail.path)]
-        return vectors, [paths[i] for i in ok], failures
 
 
 def open_embedder(version_dir: str, manifest: dict[str, Any], weights_dir: str | None = None,

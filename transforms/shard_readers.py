@@ -482,36 +482,37 @@ class _FetchUriFn(beam.DoFn):
 # ---------------------------------------------------------------- the PTransforms
 
 
-class ReadTFRecordImages(beam.PTransform):
+class _ReadShardFiles(beam.PTransform):
+    """Match shard files, read each with one DoFn, account: the shape of every per-file reader."""
+
+    FORMAT = ""
+    READ_FN: type[beam.DoFn]
+
+    def __init__(self, spec: InputSpec):
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "MatchShards" >> MatchVisible(self._spec.pattern, self._spec.root, shards=True)
+            | "ReadShards" >> beam.ParDo(self.READ_FN(self._spec.root))
+            | "Account" >> Account(self.FORMAT)
+        )
+
+
+class ReadTFRecordImages(_ReadShardFiles):
     """``tfrecord:GLOB`` → ``records`` and failure rows."""
 
-    def __init__(self, spec: InputSpec):
-        super().__init__()
-        self._spec = spec
-
-    def expand(self, pbegin):
-        return (
-            pbegin
-            | "MatchShards" >> MatchVisible(self._spec.pattern, self._spec.root, shards=True)
-            | "ReadShards" >> beam.ParDo(_ReadTFRecordShardFn(self._spec.root))
-            | "Account" >> Account("tfrecord")
-        )
+    FORMAT = "tfrecord"
+    READ_FN = _ReadTFRecordShardFn
 
 
-class ReadWebDatasetImages(beam.PTransform):
+class ReadWebDatasetImages(_ReadShardFiles):
     """``wds:GLOB`` → ``records`` and failure rows."""
 
-    def __init__(self, spec: InputSpec):
-        super().__init__()
-        self._spec = spec
-
-    def expand(self, pbegin):
-        return (
-            pbegin
-            | "MatchShards" >> MatchVisible(self._spec.pattern, self._spec.root, shards=True)
-            | "ReadTars" >> beam.ParDo(_ReadTarShardFn(self._spec.root))
-            | "Account" >> Account("wds")
-        )
+    FORMAT = "wds"
+    READ_FN = _ReadTarShardFn
 
 
 class ReadParquetImages(beam.PTransform):
