@@ -110,6 +110,16 @@ def plan_cleanup(
     )
 
 
+def recommended_search_k(items_per_shard: int, trees: int, k: int = 10) -> int:
+    """Annoy search_k that reached recall@10 ≥ 0.95 in benchmarks/bench_index.py.
+
+    Annoy's own default (trees × k) is enough for a few thousand items (0.97 on the dev
+    photos) but falls to 0.17 at a million; ~100·sqrt(n) nodes reached 0.95–0.96 at 100k
+    (search_k 30,000) and 1M (100,000) on features shaped like the real ones.
+    """
+    return max(trees * k, int(round(100 * items_per_shard ** 0.5, -2)))
+
+
 def shard_dir(shard: int) -> str:
     return f"shards/shard-{shard:05d}"
 

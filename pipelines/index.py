@@ -235,6 +235,7 @@ def publish(
         "model_fingerprint": features_manifest["model_fingerprint"],
         "features_run_id": features_manifest.get("run_id"),
         "annoy": {"trees": cfg.trees, "metric": layout.METRIC, "seed": cfg.seed,
+                  "search_k": layout.recommended_search_k(max(i["items"] for i in infos), cfg.trees),
                   "on_disk_build_shards": [s for s, i in enumerate(infos) if i.get("annoy", {}).get("on_disk_build")]},
         "lsh": {"bits": cfg.lsh_bits, "seed": cfg.seed, "substring_bits": lsh.SUBSTRING_BITS},
         "vectors_dtype": "float16",
