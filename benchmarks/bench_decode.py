@@ -40,6 +40,7 @@ from PIL import Image
 
 from benchmarks._results import machine, md_table, update_section
 from models.imaging import decode_and_resize, open_image
+from serving.metrics import label_precision_at_k
 
 log = logging.getLogger("bench_decode")
 
@@ -80,16 +81,6 @@ def time_decode(blobs: list[bytes], size: int, mode: str, repeat: int) -> tuple[
         decoded = [decode_and_resize(b, size, reduced_decode=reduced, draft_side=size * margin) for b in blobs]
         best = max(best, len(blobs) / (time.perf_counter() - t))
     return best, decoded
-
-
-def precision_at_10(features: np.ndarray, labels: list[str]) -> float:
-    """Same-label precision of the 10 nearest neighbours (cosine), every photo as a query."""
-    x = features / np.linalg.norm(features, axis=1, keepdims=True)
-    sims = x @ x.T
-    np.fill_diagonal(sims, -np.inf)
-    top = np.argsort(-sims, axis=1)[:, :10]
-    lab = np.asarray(labels)
-    return float(np.mean(lab[top] == lab[:, None]))
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -167,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{cos.min():.4f}", f"{np.percentile(cos, 5):.4f}", f"{base.mean():.4f}",
                                  f"{base.min():.4f}"])
         if name == "dev":
-            retrieval = [[mode, f"{precision_at_10(feats[mode], labels):.4f}"] for mode in MODES]
+            retrieval = [[mode, f"{label_precision_at_k(feats[mode], labels):.4f}"] for mode in MODES]
 
     speed = md_table(["photos", "n", "mean MP", "decode", "images/s per core", "ms/image", "vs full",
                       "decoded at reduced scale"], speed_rows)

@@ -203,3 +203,18 @@ def list_metrics(
 def _has_label(labels: np.ndarray) -> np.ndarray:
     """Whether each item has a label (None and "" both mean none)."""
     return np.asarray([x is not None and x != "" for x in labels], dtype=bool)
+
+
+def label_precision_at_k(vectors: np.ndarray, labels: list, k: int = 10) -> float:
+    """Same-label precision of the k exact cosine neighbours, every item a query (small sets only: n² memory).
+
+    The quick check benchmarks and tests use to tell real weights (about 0.76 on
+    flowers17-dev with MobileNet v1 0.25) from random ones (about 0.1).
+    """
+    x = np.asarray(vectors, dtype=np.float32)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    top = np.argsort(-sims, axis=1)[:, :k]
+    lab = np.asarray(labels)
+    return float(np.mean(lab[top] == lab[:, None]))

@@ -10,6 +10,7 @@ import pytest
 from models import autoencoder
 from pipelines import autoencode, extract, index
 from serving.embedder import open_embedder
+from serving.metrics import label_precision_at_k
 from serving.searcher import Searcher
 from transforms import features_io
 
@@ -22,15 +23,6 @@ def flowers_matrix(flowers_features):
     return features_io.feature_matrix(table), table.column("label").to_pylist()
 
 
-def _precision_at_10(vectors: np.ndarray, labels: list[str]) -> float:
-    v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    sims = v @ v.T
-    np.fill_diagonal(sims, -np.inf)
-    top = np.argsort(-sims, axis=1)[:, :10]
-    lab = np.asarray(labels)
-    return float(np.mean(lab[top] == lab[:, None]))
-
-
 @pytest.mark.parametrize("denoise", [{}, {"noise_stddev": 0.02, "mask_fraction": 0.2}])
 def test_codes_keep_retrieval_quality(flowers_matrix, denoise):
     x, labels = flowers_matrix
@@ -41,7 +33,7 @@ def test_codes_keep_retrieval_quality(flowers_matrix, denoise):
     assert codes.shape == (720, 32)
     assert cfg.denoising == bool(denoise)
     # 8x smaller than the 256-d features, still far above chance (0.11) for same-label neighbours.
-    assert _precision_at_10(codes, labels) > 0.5
+    assert label_precision_at_k(codes, labels) > 0.5
 
 
 def test_too_few_vectors_is_an_error():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.query import run_query
 from serving.embedder import open_embedder
+from serving.metrics import label_precision_at_k
 from serving.searcher import Searcher
 
 
@@ -44,12 +44,7 @@ def test_every_image_finds_itself_at_rank_one(searcher, flowers, weights_dir):
 
 def test_precision_at_10_needs_real_weights(searcher):
     labels = [lab for s in searcher.shards for lab in s.labels]
-    vectors = searcher.all_vectors()
-    sims = vectors @ vectors.T
-    np.fill_diagonal(sims, -np.inf)
-    top = np.argsort(-sims, axis=1)[:, :10]
-    lab = np.asarray(labels)
-    precision = float(np.mean(lab[top] == lab[:, None]))
+    precision = label_precision_at_k(searcher.all_vectors(), labels, k=10)
     assert precision > 0.6, precision
 
 

@@ -255,12 +255,14 @@ def test_another_transform_is_refused(two_builds, one_shard, three_shards, weigh
 
 
 def test_search_k_defaults_to_the_manifest_recommendation(two_builds, tmp_path):
-    """An index may record the Annoy search_k its builder tuned; -1 then means that value."""
+    """The builder records the Annoy search_k benchmarks recommend; -1 then means that value."""
     out, _, three = two_builds
     version = three["version"]
     shutil.copytree(out / version, tmp_path / version)
     with Searcher(str(tmp_path), version=version, verify=False) as plain:
-        assert plain.default_search_k == -1
+        recommended = layout.recommended_search_k(max(three["items_per_shard"]), three["annoy"]["trees"])
+        assert plain.default_search_k == recommended == three["annoy"]["search_k"]
+        assert recommended > three["annoy"]["trees"] * K  # more than Annoy's own default
         queries = plain.all_vectors()
     manifest = json.loads((tmp_path / version / layout.MANIFEST).read_text())
     manifest["annoy"]["search_k"] = 1  # a single node per shard: clearly worse than Annoy's default
