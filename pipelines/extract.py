@@ -67,7 +67,8 @@ def new_run_id() -> str:
 
 
 def build(
-    p: beam.Pipeline, cfg: ExtractConfig, spec: InputSpec, staging: str, previous_files: list[str] | None = None
+    p: beam.Pipeline, cfg: ExtractConfig, spec: InputSpec, staging: str, dim: int,
+    previous_files: list[str] | None = None,
 ) -> None:
     """Composes the extract graph; separate from ``run`` so tests can inspect it."""
     read = p | "Read" >> ReadImages(spec)
@@ -81,7 +82,6 @@ def build(
     rows, inference_failures = decoded.images | "Extract" >> ExtractFeatures(
         cfg.model, cfg.batching, cfg.feature_dtype
     )
-    dim = _feature_dim(cfg.model)
     if reused is not None:
         rows = (rows, reused) | "WithReused" >> beam.Flatten()
     (
@@ -113,17 +113,18 @@ def run(cfg: ExtractConfig, beam_args: list[str] | None = None) -> dict[str, Any
     model_desc = cfg.model.describe()  # resolves weights here: a missing file fails before any work
     model_desc["reduced_decode"] = cfg.reduced_decode  # the query path decodes the same way
     previous_files = _reusable_files(cfg)
+    dim = _feature_dim(cfg.model)  # once: for a SavedModel this loads the model on the launcher
     run_id = new_run_id()
     staging = fsutil.join(cfg.output, "_staging", run_id)
     started = time.time()
     options = PipelineOptions(local_defaults(beam_args or []))
     log.info("extract %s -> %s with %s (run %s)", cfg.input, cfg.output, cfg.model.name, run_id)
     p = beam.Pipeline(options=options)
-    build(p, cfg, spec, staging, previous_files)
+    build(p, cfg, spec, staging, dim, previous_files)
     result = p.run()
     result.wait_until_finish()
     elapsed = time.time() - started
-    manifest = publish(cfg, run_id, staging, model_desc, elapsed, result)
+    manifest = publish(cfg, run_id, staging, model_desc, dim, elapsed, result)
     _check_failure_fraction(manifest, cfg.max_failure_fraction)
     return manifest
 
@@ -162,7 +163,8 @@ def _stage_files(staging: str, kind: str) -> list[str]:
 
 
 def publish(
-    cfg: ExtractConfig, run_id: str, staging: str, model_desc: dict[str, Any], elapsed: float, result: Any
+    cfg: ExtractConfig, run_id: str, staging: str, model_desc: dict[str, Any], dim: int, elapsed: float,
+    result: Any,
 ) -> dict[str, Any]:
     files, counts, failure_reasons = move_staged_parts(cfg.output, run_id, staging)
     manifest = {
@@ -174,7 +176,7 @@ def publish(
         "model_fingerprint": cfg.model.fingerprint(),
         "input_size": cfg.model.size(),
         "preprocessing": model_desc.get("preprocessing", "savedmodel"),
-        "dimension": _feature_dim(cfg.model),
+        "dimension": dim,
         "feature_dtype": cfg.feature_dtype,
         "precision": cfg.model.precision,
         "counts": counts,
