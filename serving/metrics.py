@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 RECALL_LEVELS = np.linspace(0.0, 1.0, 101)
+_RANK_ELEMENTS = 1 << 24  # float64 similarities ranked at a time by leave_one_out_rankings
 
 
 def relevance(ranked: np.ndarray, query_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -103,10 +104,20 @@ def leave_one_out_rankings(
 
     ``query_vectors`` replaces the query items' own vectors (expanded queries);
     the item itself is still the one removed.
+
+    Similarities are computed in float64. In float32 a matrix product and a
+    matrix-vector product round differently (up to ~1e-6 on unit vectors), and
+    full rankings hold neighbours closer than that, so mAP would depend on the
+    BLAS kernel and the block size of the machine that ran it. Stored vectors are
+    float16, so float64 products are exact and the sums nearly so: the ranking
+    is the one the stored vectors define.
     """
-    vectors = np.asarray(vectors, np.float32)
+    vectors = np.asarray(vectors, np.float64)
     queries = np.asarray(queries, np.int64)
-    qv = vectors[queries] if query_vectors is None else np.asarray(query_vectors, np.float32)
+    qv = vectors[queries] if query_vectors is None else np.asarray(query_vectors, np.float64)
+    # a block's similarities, their negation and the sort order are each (rows, N) of 8 bytes:
+    # bound them to _RANK_ELEMENTS so a million-item index ranks in a few hundred MB
+    block = max(1, min(block, _RANK_ELEMENTS // max(1, len(vectors))))
     for lo in range(0, len(queries), block):
         idx = queries[lo:lo + block]
         sims = qv[lo:lo + block] @ vectors.T

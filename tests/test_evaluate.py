@@ -10,7 +10,7 @@ import pytest
 from pipelines import cli
 from pipelines.evaluate import EvaluateConfig, format_markdown, run
 from serving import metrics
-from serving.searcher import LSH_RADIUS, Searcher
+from serving.searcher import LSH_RADIUS, Searcher, normalise_rows
 
 K = 10
 
@@ -21,20 +21,27 @@ def searcher(flowers_index):
         yield s
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
+def _ranking(v64: np.ndarray, query: np.ndarray, q: int) -> list[int]:
+    sims = v64 @ np.asarray(query, np.float64)
+    sims[q] = -np.inf
+    return [int(i) for i in np.argsort(-sims, kind="stable") if i != q]
 
 
 def brute_force_labels(vectors: np.ndarray, labels: list[str], queries, qe: int = 0) -> dict[str, float]:
-    """The textbook definitions, one query at a time: full leave-one-out ranking, AP, P@k."""
+    """The textbook definitions, one query at a time: full leave-one-out ranking, AP, P@k.
+
+    Rankings are in float64 like ``serving.metrics``: a float32 matrix-vector product rounds
+    differently from the matrix product there, by more than the closest neighbours differ.
+    An expanded query is built in float32 with the searcher's normalisation, because that
+    vector is what evaluate ranks with.
+    """
+    v64 = vectors.astype(np.float64)
     aps, precision = [], {1: [], 5: [], 10: []}
     for q in queries:
-        query = _unit(vectors[q])
-        for _ in range(2 if qe else 1):
-            sims = vectors @ query
-            sims[q] = -np.inf
-            order = [int(i) for i in np.argsort(-sims, kind="stable") if i != q]
-            query = _unit(query + vectors[order[:qe]].sum(axis=0)) if qe else query
+        order = _ranking(v64, v64[q], q)
+        if qe:
+            top = vectors[order[:qe]].sum(axis=0)
+            order = _ranking(v64, normalise_rows(normalise_rows(vectors[q]) + top), q)
         relevant = [labels[i] == labels[q] for i in order]
         n_relevant = sum(relevant)
         hits, total = 0, 0.0
@@ -46,6 +53,23 @@ def brute_force_labels(vectors: np.ndarray, labels: list[str], queries, qe: int 
         for k in precision:
             precision[k].append(sum(relevant[:k]) / k)
     return {"map": float(np.mean(aps)), **{f"p@{k}": float(np.mean(v)) for k, v in precision.items()}}
+
+
+def near_ties_at(vectors: np.ndarray, queries, k: int, eps: float = 2e-6) -> int:
+    """Queries whose k-th and (k+1)-th neighbours are closer than float32 search can tell apart.
+
+    The searcher scores in float32 (errors up to ~1e-6 on unit vectors); where two neighbours
+    straddle the cut within that, its top-k may hold either one, and a figure built on it
+    may move by one place of one query.
+    """
+    v64 = vectors.astype(np.float64)
+    ties = 0
+    for q in queries:
+        sims = v64 @ v64[q]
+        sims[q] = -np.inf
+        kth, nxt = np.sort(sims)[::-1][k - 1:k + 1]
+        ties += int(kth - nxt < eps)
+    return ties
 
 
 def test_evaluate_equals_brute_force(searcher, flowers_index):
@@ -61,18 +85,20 @@ def test_evaluate_equals_brute_force(searcher, flowers_index):
     for method in ("annoy", "lsh"):
         recalls = []
         for q in queries:
-            sims = vectors @ _unit(vectors[q])
+            sims = vectors.astype(np.float64) @ vectors[q].astype(np.float64)
             sims[q] = -np.inf
             exact = set(np.lexsort((names, -sims))[:K].tolist())
             hits = searcher.search(vectors[q], k=K, method=method, exclude=searcher.locate(int(q)))
             recalls.append(len(exact & {searcher.global_id(h.shard, h.id) for h in hits}) / K)
-        assert report["methods"][method]["recall@k"] == pytest.approx(np.mean(recalls), abs=1e-12), method
+        slack = near_ties_at(vectors, queries, K) / (K * len(queries))
+        assert report["methods"][method]["recall@k"] == pytest.approx(np.mean(recalls), abs=slack + 1e-12), method
         assert report["methods"][method]["qps"] > 0
     assert report["methods"]["exact"]["recall@k"] == 1.0
     assert report["methods"]["annoy"]["recall@k"] > 0.9
     # the exact lists' P@k are the full ranking's P@k (same ranking, truncated)
     for k in (1, 5, 10):
-        assert report["methods"]["exact"][f"p@{k}"] == pytest.approx(expected[f"p@{k}"], abs=1e-9)
+        slack = near_ties_at(vectors, queries, k) / (k * len(queries))
+        assert report["methods"]["exact"][f"p@{k}"] == pytest.approx(expected[f"p@{k}"], abs=slack + 1e-9)
     # precision–recall curve: a mean of interpolated precisions, non-increasing in recall
     curve = report["pr_curve"]["exact"]
     assert len(curve["recall"]) == 101 and curve["recall"][0] == 0 and curve["recall"][-1] == 1
@@ -102,6 +128,20 @@ def test_metric_definitions_on_hand_made_rankings():
     assert curve.tolist() == [[1.0, 1.0, pytest.approx(2 / 3), pytest.approx(2 / 3)]]
     assert metrics.recall_at_k(np.array([[1, 2, 3], [4, -1, -1]]), np.array([[3, 2, 9], [5, 6, 7]])).tolist() == \
         [pytest.approx(2 / 3), 0.0]
+
+
+def test_full_rankings_do_not_depend_on_the_block_size(searcher, monkeypatch):
+    """The same ranking whether queries are ranked one at a time or 256 at a time, and with
+    the element budget that shrinks blocks on large indexes: mAP must not change with the
+    BLAS kernel a block size selects (float32 rankings did, on another CPU)."""
+    vectors = searcher.all_vectors()
+    queries = np.arange(0, searcher.size, 3)
+    one = np.concatenate([r for _, r in metrics.leave_one_out_rankings(vectors, queries, block=1)])
+    many = np.concatenate([r for _, r in metrics.leave_one_out_rankings(vectors, queries, block=256)])
+    monkeypatch.setattr(metrics, "_RANK_ELEMENTS", 7 * len(vectors))
+    bounded = list(metrics.leave_one_out_rankings(vectors, queries, block=256))
+    assert {len(pos) for pos, _ in bounded[:-1]} == {7}
+    assert np.array_equal(one, many) and np.array_equal(one, np.concatenate([r for _, r in bounded]))
 
 
 def test_unlabelled_items_are_left_out():
