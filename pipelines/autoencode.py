@@ -24,12 +24,12 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from models import autoencoder
 from models.presets import fingerprint
 from models.weights import file_digest
 from pipelines.extract import FORMAT_VERSION, commit, feature_files, move_staged_parts, new_run_id, read_manifest
+from pipelines.runner import pipeline_options
 from transforms import features_io, fsutil
 from transforms.records import FeatureRow, ImageMeta
 
@@ -99,7 +99,7 @@ def run(features: str, output: str, cfg: autoencoder.AutoencoderConfig, train_sa
                     fsutil.write_bytes_atomic(fsutil.join(encoder_dir, rel), f.read())
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    p = beam.Pipeline(options=PipelineOptions(beam_args or []))
+    p = beam.Pipeline(options=pipeline_options(beam_args))
     (
         p
         | "Files" >> beam.Create(files)

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32")
     ex.add_argument("--max-pixels", type=int, default=None, help="refuse images above this many pixels")
     ex.add_argument("--full-decode", action="store_true", help="never decode JPEG at reduced scale")
+    ex.add_argument("--decode-threads", type=int, default=0,
+                    help="decode threads per worker step (default: one per core, at most 8; 1 = no pool)")
     ex.add_argument("--max-failure-fraction", type=float, default=None,
                     help="exit non-zero (after writing outputs) when more than this fraction failed")
     ex.add_argument("--previous", default=None,
@@ -131,6 +133,7 @@ def _extract(args, beam_args: list[str]) -> int:
         reduced_decode=not args.full_decode,
         max_failure_fraction=args.max_failure_fraction,
         previous=args.previous,
+        decode_threads=args.decode_threads,
     )
     try:
         manifest = extract.run(cfg, beam_args)

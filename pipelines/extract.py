@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 import uuid
 from collections import Counter
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from models.backbone import ModelSpec
 from models.imaging import DEFAULT_MAX_PIXELS
+from pipelines.runner import pipeline_options
 from transforms import features_io, fsutil, job_metrics
 from transforms.decode import DecodeFn
 from transforms.incremental import ReuseFeatures, reusable
@@ -60,6 +59,7 @@ class ExtractConfig:
     reduced_decode: bool = True
     max_failure_fraction: float | None = None
     previous: str | None = None  # an earlier extract output whose features may be reused
+    decode_threads: int = 0  # 0: one per core (transforms.decode)
 
 
 def new_run_id() -> str:
@@ -77,7 +77,8 @@ def build(
     if previous_files:
         records, reused = records | "Reuse" >> ReuseFeatures(previous_files, cfg.feature_dtype)
     decoded = records | "Decode" >> beam.ParDo(
-        DecodeFn(cfg.model.size(), cfg.max_pixels, cfg.reduced_decode)
+        DecodeFn(cfg.model.size(), cfg.max_pixels, cfg.reduced_decode, threads=cfg.decode_threads,
+                 window=2 * cfg.batching.max_batch_size)
     ).with_outputs(FAILURES_TAG, main="images")
     rows, inference_failures = decoded.images | "Extract" >> ExtractFeatures(
         cfg.model, cfg.batching, cfg.feature_dtype
@@ -117,7 +118,7 @@ def run(cfg: ExtractConfig, beam_args: list[str] | None = None) -> dict[str, Any
     run_id = new_run_id()
     staging = fsutil.join(cfg.output, "_staging", run_id)
     started = time.time()
-    options = PipelineOptions(local_defaults(beam_args or []))
+    options = pipeline_options(beam_args)
     log.info("extract %s -> %s with %s (run %s)", cfg.input, cfg.output, cfg.model.name, run_id)
     p = beam.Pipeline(options=options)
     build(p, cfg, spec, staging, dim, previous_files)
@@ -127,20 +128,6 @@ def run(cfg: ExtractConfig, beam_args: list[str] | None = None) -> dict[str, Any
     manifest = publish(cfg, run_id, staging, model_desc, dim, elapsed, result)
     _check_failure_fraction(manifest, cfg.max_failure_fraction)
     return manifest
-
-
-def local_defaults(beam_args: list[str]) -> list[str]:
-    """On the DirectRunner, decode and inference overlap in threads unless told otherwise.
-
-    Pillow and TensorFlow release the GIL, so two threads sharing one model (RunInference
-    shares it per process) beat both the serial in-memory mode and multi-processing,
-    whose workers each pay a TensorFlow import and a model load (benchmarks/RESULTS.md).
-    """
-    joined = " ".join(beam_args)
-    direct = "--runner" not in joined or "DirectRunner" in joined
-    if direct and "direct_running_mode" not in joined and "direct_num_workers" not in joined:
-        return [*beam_args, "--direct_running_mode=multi_threading", f"--direct_num_workers={os.cpu_count() or 1}"]
-    return beam_args
 
 
 def _reusable_files(cfg: ExtractConfig) -> list[str]:

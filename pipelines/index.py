@@ -34,6 +34,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from index_builder import layout, lsh
 from index_builder.shard import DEFAULT_ON_DISK_BYTES, ShardParams
 from pipelines.extract import feature_files, read_manifest
+from pipelines.runner import pipeline_options
 from transforms import fsutil, job_metrics
 from transforms.index_build import (
     ATTEMPTS,
@@ -106,7 +107,7 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
     log.info("index %d items from %s -> %s (%s, %d shards)", n_items, cfg.features, cfg.output, version,
              cfg.shards)
     with tempfile.TemporaryDirectory(prefix="cbir-tft-") as tft_tmp:
-        p = beam.Pipeline(options=PipelineOptions(beam_args or []))
+        p = beam.Pipeline(options=pipeline_options(beam_args))
         with tft_beam.Context(temp_dir=_tft_temp(beam_args, tft_tmp)):
             rows = (
                 p

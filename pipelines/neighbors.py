@@ -32,9 +32,9 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from index_builder import layout
+from pipelines.runner import pipeline_options
 from serving.neighbors import SCHEMA, DuplicateGroups, NeighborOptions, chunks, neighbor_table
 from serving.searcher import LSH_RADIUS, METHODS, Searcher, space_fingerprint
 from transforms import features_io, fsutil, job_metrics
@@ -158,7 +158,7 @@ def run(cfg: NeighborsConfig, beam_args: list[str] | None = None) -> dict[str, A
     started = time.time()
     log.info("neighbors of %d items of %s/%s in %d chunks -> %s (run %s)", index_manifest["items"], cfg.index,
              version, len(work), cfg.output, run_id)
-    p = beam.Pipeline(options=PipelineOptions(beam_args or []))
+    p = beam.Pipeline(options=pipeline_options(beam_args))
     (
         p
         | "Chunks" >> beam.Create(work)

@@ -38,8 +38,8 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.runner import pipeline_options
 from transforms import fsutil
 from transforms.shard_readers import encode_example, write_tfrecord
 from transforms.sources import IMAGE_EXTENSIONS, is_visible, label_from_id, relative_id
@@ -224,7 +224,7 @@ def run(cfg: ShardConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
     staging = fsutil.join(cfg.output, "_staging", run_id)
     log.info("shard %s -> %s: %d images in %d %s shard(s), %d other files skipped (run %s)",
              root, cfg.output, len(items), len(plans), cfg.format, len(skipped), run_id)
-    p = beam.Pipeline(options=PipelineOptions(beam_args or []))
+    p = beam.Pipeline(options=pipeline_options(beam_args))
     (
         p
         | "Plans" >> beam.Create(plans)
