@@ -1,4 +1,4 @@
-"""The on-disk contract of an index (DESIGN.md), independent of any runner.
+"""The on-disk contract of an index (ARCHITECTURE.md), independent of any runner.
 
 ::
 
@@ -20,8 +20,9 @@ import dataclasses
 import hashlib
 import re
 import time
-import uuid
 from typing import Any
+
+from index_builder.manifests import new_run_id
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -31,6 +32,7 @@ SHARD_INFO = "SHARD.json"
 LSH_PLANES = "lsh_planes.npy"
 TRANSFORM_DIR = "transform_fn"
 TRANSFORMED_METADATA_DIR = "transformed_metadata"
+TRANSFORM_DATA_DIR = "transform"  # the transform as data (projection.npy, bias.npy): what queries apply
 ANNOY_FILE = "annoy.ann"
 VECTORS_FILE = "vectors.f16.npy"
 CODES_FILE = "lsh_codes.npy"
@@ -48,8 +50,8 @@ _VERSION = re.compile(r"^v(\d{8}T\d{6})-[0-9a-f]{6}$")
 
 
 def new_version(now: float | None = None) -> str:
-    """A version name that sorts by build start time (UTC) and never collides."""
-    return "v" + time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
+    """A version name that sorts by build start time (UTC) and never collides: ``v`` + a run id."""
+    return "v" + new_run_id(now)
 
 
 def is_version(name: str) -> bool:

@@ -140,7 +140,7 @@ def build_annoy(vectors: np.ndarray, path: str, params: ShardParams) -> bool:
 
 
 def build_shard(
-    items: ShardItems, shard: int, out_dir: str, planes: np.ndarray, params: ShardParams
+    items: ShardItems, shard: int, out_dir: str, planes: np.ndarray, params: ShardParams, non_finite_skipped: int = 0,
 ) -> dict[str, Any]:
     """Writes every file of a shard into ``out_dir``; returns its SHARD.json content (written last)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -180,6 +180,7 @@ def build_shard(
         "items": n,
         "dimension": dim,
         "duplicates_dropped": items.duplicates_dropped,
+        "non_finite_skipped": non_finite_skipped,
         "annoy": {"trees": params.trees, "on_disk_build": on_disk,
                   "estimated_bytes": annoy_bytes_estimate(n, dim, params.trees)},
         "lsh_bits": int(planes.shape[1]),

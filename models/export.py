@@ -44,13 +44,13 @@ import time
 import uuid
 from typing import Any
 
+from index_builder.manifests import ExportCard, utc_now
 from models.backbone import Backbone, ModelSpec, preprocess
 from models.imaging import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "cbir-savedmodel"
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT = ExportCard.KIND
 EXPORT_INFO_FILE = "cbir_export.json"
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -90,7 +90,7 @@ class IndexTransform:
 class ExportResult:
     path: str  # DIR/N
     version: int
-    info: dict[str, Any]
+    info: ExportCard
 
 
 # -- in-graph decoding ----------------------------------------------------------------------------
@@ -489,17 +489,15 @@ def export_savedmodel(
     module, signatures = _servable(backbone, fingerprint, max_pixels, reduced_decode, index)
     staging = _join(output, f"_staging-{version}-{uuid.uuid4().hex[:8]}")
     tf.io.gfile.makedirs(output)
-    info = {
-        "format": EXPORT_FORMAT,
-        "format_version": EXPORT_FORMAT_VERSION,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "version": version,
-        "model": description,
-        "model_fingerprint": fingerprint,
-        "input_size": backbone.size,
-        "dimension": backbone.dim,
-        "preprocessing": spec.preset().preprocessing,
-        "decode": {
+    info = ExportCard(
+        created_utc=utc_now(),
+        version=version,
+        model=description,
+        model_fingerprint=fingerprint,
+        input_size=backbone.size,
+        dimension=backbone.dim,
+        preprocessing=spec.preset().preprocessing,
+        decode={
             "in_graph": "tf.io.decode_jpeg(dct_method=INTEGER_ACCURATE) / tf.io.decode_image",
             "reduced_jpeg_decode": reduced_decode,
             "exif_orientation": True,
@@ -507,20 +505,20 @@ def export_savedmodel(
             "resize": RESIZE,
             "max_pixels": max_pixels,
         },
-        "signatures": _signature_table(signatures),
-        "index": None if index is None else {
+        signatures=_signature_table(signatures),
+        index=None if index is None else {
             "version": index.version,
             "transform_fingerprint": index.transform_fingerprint,
             "dimension": index.dimension,
         },
-        "tensorflow_version": tf.__version__,
-    }
+        tensorflow_version=tf.__version__,
+    )
     try:
         tf.saved_model.save(module, staging, signatures=signatures)
         extra = _join(staging, ASSETS_EXTRA)
         tf.io.gfile.makedirs(extra)
         with tf.io.gfile.GFile(_join(extra, EXPORT_INFO_FILE), "w") as f:
-            f.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            f.write(json.dumps(info.to_dict(), indent=2, sort_keys=True) + "\n")
         if warmup:
             _write_warmup(_join(extra, WARMUP_FILE), backbone.size)
         _publish(staging, final, force)
@@ -547,8 +545,8 @@ def _publish(staging: str, final: str, force: bool) -> None:
         tf.io.gfile.rename(staging, final)
 
 
-def read_export_info(path: str) -> dict[str, Any] | None:
-    """The export record of a SavedModel folder, or None when it was not written by this module."""
+def read_export_info(path: str) -> ExportCard | None:
+    """The export card of a SavedModel folder, or None when it was not written by this module."""
     import tensorflow as tf
 
     info_path = _join(path, ASSETS_EXTRA, EXPORT_INFO_FILE)
@@ -556,4 +554,6 @@ def read_export_info(path: str) -> dict[str, Any] | None:
         return None
     with tf.io.gfile.GFile(info_path) as f:
         info = json.load(f)
-    return info if info.get("format") == EXPORT_FORMAT else None
+    if not isinstance(info, dict) or info.get(ExportCard.KIND_KEY) != ExportCard.KIND:
+        return None
+    return ExportCard.from_dict(info, source=info_path)

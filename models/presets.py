@@ -8,9 +8,11 @@ that an index can refuse queries embedded by a different network.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Any
+
+from index_builder.manifests import fingerprint
+
+__all__ = ["PRESETS", "SAVEDMODEL_PREFIX", "Preset", "fingerprint", "get_preset"]
 
 SAVEDMODEL_PREFIX = "savedmodel:"
 
@@ -84,13 +86,3 @@ def get_preset(name: str) -> Preset:
         raise ValueError(
             f"unknown model {name!r}: choose one of {', '.join(sorted(PRESETS))} or savedmodel:PATH"
         ) from None
-
-
-def fingerprint(description: dict[str, Any]) -> str:
-    """A short digest of everything that determines the features.
-
-    Two runs with equal fingerprints produce interchangeable vectors, which is what
-    incremental re-indexing and the searcher's model check rely on.
-    """
-    blob = json.dumps(description, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]

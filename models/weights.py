@@ -1,6 +1,6 @@
 """Finding pretrained weights without ever falling back to random ones.
 
-Order (DESIGN.md): an explicit weights directory (``--weights-dir`` or
+Order (ARCHITECTURE.md): an explicit weights directory (``--weights-dir`` or
 ``$CBIR_WEIGHTS_DIR``), the Keras cache, then a Keras download. Offline machines
 get an error that names the file and where to put it, never a network of random
 weights that would silently produce useless features.

@@ -12,7 +12,6 @@ model fingerprint covers both, so an index of codes is never mixed with raw feat
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
@@ -25,12 +24,14 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from index_builder.manifests import Accounting, ExtractCounts, FeaturesManifest, new_run_id, utc_now
+from index_builder.vector_space import encoder_fingerprint
 from models import autoencoder
-from models.presets import fingerprint
 from models.weights import file_digest
-from pipelines.extract import FORMAT_VERSION, commit, feature_files, move_staged_parts, new_run_id, read_manifest
 from pipelines.runner import pipeline_options
 from transforms import features_io, fsutil
+from transforms import publish as protocol
+from transforms.feature_sets import feature_files, read_features_manifest
 from transforms.records import FeatureRow, ImageMeta
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class EncodeTableFn(beam.DoFn):
         self._rows = Metrics.counter("cbir", "encoded")
 
     def setup(self):
-        self._local = _localise(self._dir)
+        self._local = fsutil.localise_tree(self._dir)
         self._encode = autoencoder.load_encoder(self._local)
 
     def process(self, table):
@@ -57,19 +58,6 @@ class EncodeTableFn(beam.DoFn):
         self._rows.inc(table.num_rows)
 
 
-def _localise(path: str) -> str:
-    """SavedModels load from local disk; copy a remote encoder folder to a temporary one."""
-    if "://" not in path:
-        return path
-    local = tempfile.mkdtemp(prefix="cbir-encoder-")
-    for src in fsutil.match(fsutil.join(path, "**")):
-        dest = os.path.join(local, src[len(path) + 1:])
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with open(dest, "wb") as f:
-            f.write(fsutil.read_bytes(src))
-    return local
-
-
 def _load_sample(files: list[str], limit: int, seed: int) -> np.ndarray:
     tables = features_io.iter_tables(files, ["feature"])
     x = np.concatenate([features_io.feature_matrix(t) for t in tables])
@@ -79,17 +67,17 @@ def _load_sample(files: list[str], limit: int, seed: int) -> np.ndarray:
 
 
 def run(features: str, output: str, cfg: autoencoder.AutoencoderConfig, train_sample: int = 200_000,
-        beam_args: list[str] | None = None) -> dict[str, Any]:
-    source = read_manifest(features)
+        beam_args: list[str] | None = None) -> FeaturesManifest:
+    source = read_features_manifest(features)
     files = feature_files(features, source)
     started = time.time()
     x = _load_sample(files, train_sample, cfg.seed)
     trained = autoencoder.train(x, cfg)
     run_id = new_run_id()
-    staging = fsutil.join(output, "_staging", run_id)
+    staging = protocol.staging_dir(output, run_id)
     local = tempfile.mkdtemp(prefix="cbir-encoder-")
     try:
-        autoencoder.export(trained, local, {"source_fingerprint": source["model_fingerprint"]})
+        autoencoder.export(trained, local, {"source_fingerprint": source.model_fingerprint})
         encoder_digest = file_digest(os.path.join(local, "saved_model.pb"))
         encoder_dir = fsutil.join(staging, "encoder")
         for root, _, names in os.walk(local):
@@ -108,44 +96,61 @@ def run(features: str, output: str, cfg: autoencoder.AutoencoderConfig, train_sa
         | "Write" >> features_io.WriteFeatureParquet(fsutil.join(staging, "features", "part"),
                                                      features_io.feature_schema(cfg.code_dim))
     )
-    p.run().wait_until_finish()
+    try:
+        result = p.run()
+        result.wait_until_finish()
+        return _publish(output, run_id, staging, encoder_dir, source, features, cfg, trained, encoder_digest,
+                        time.time() - started, result)
+    except BaseException:
+        protocol.discard_staging(staging)
+        raise
+
+
+def _publish(output: str, run_id: str, staging: str, encoder_dir: str, source: FeaturesManifest, features: str,
+             cfg: autoencoder.AutoencoderConfig, trained: Any, encoder_digest: str, elapsed: float,
+             result: Any) -> FeaturesManifest:
+    staged = protocol.count_staged(staging, ["features"], run_id)
+    rows = sum(p.rows for _, p in staged["features"])
+    rows_in = sum(p.rows for p in source.parts("features"))
+    from transforms import job_metrics
+
+    encoded = job_metrics.collect(result, ("cbir",), distributions=False).get("encoded")
+    checked = {"source rows": rows_in, "encoded (counter)": encoded, "rows written": rows}
+    protocol.check_counts("autoencode", checked)
     # The encoder replaces any earlier one only at the commit, like the parts.
     final_encoder = fsutil.join(output, "encoder", run_id)
-    sources = fsutil.match(fsutil.join(encoder_dir, "**"))
-    fsutil.move(sources, [fsutil.join(final_encoder, s[len(encoder_dir) + 1:]) for s in sources])
-    parts, counts, _ = move_staged_parts(output, run_id, staging)
-    parts = {"features": parts["features"], "failures": []}
-    counts = {"read": counts["ok"], "ok": counts["ok"], "failed": 0}
+    encoder_files = fsutil.match(fsutil.join(encoder_dir, "**"))
+    moves = [(src, fsutil.join(final_encoder, src[len(encoder_dir) + 1:])) for src in encoder_files]
     encoder_desc = {"kind": "denoising_autoencoder" if cfg.denoising else "autoencoder",
                     "config": dataclasses.asdict(cfg), "saved_model_digest": encoder_digest,
                     "path": final_encoder, "val_loss": min(trained.history["val_loss"]),
-                    "source_fingerprint": source["model_fingerprint"]}
-    model = {**source["model"], "encoder": encoder_desc}
-    manifest = {
-        **{k: source[k] for k in ("input_size", "preprocessing", "precision") if k in source},
-        "kind": "features",
-        "format_version": FORMAT_VERSION,
-        "run_id": run_id,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": model,
-        "model_fingerprint": fingerprint({"source": source["model_fingerprint"], "encoder": encoder_digest}),
-        "source_features": features,
-        "dimension": cfg.code_dim,
-        "feature_dtype": "float32",
-        "counts": counts,
-        "failures_by_reason": {},
-        "elapsed_seconds": round(time.time() - started, 3),
-        "files": parts,
-    }
-    commit(output, manifest, staging)
-    for old in fsutil.match(fsutil.join(output, "encoder", "*", "saved_model.pb")):
-        folder = old.rsplit("/", 1)[0]
+                    "source_fingerprint": source.model_fingerprint}
+    manifest = FeaturesManifest(
+        run_id=run_id,
+        created_utc=utc_now(),
+        model={**source.model, "encoder": encoder_desc},
+        model_fingerprint=encoder_fingerprint(source.model_fingerprint, encoder_digest),
+        input_size=source.input_size,
+        preprocessing=source.preprocessing,
+        precision=source.precision,
+        source_features=features,
+        dimension=cfg.code_dim,
+        feature_dtype="float32",
+        counts=ExtractCounts(read=rows, ok=rows, failed=0, inputs=rows_in),
+        elapsed_seconds=round(elapsed, 3),
+        files={"features": [p for _, p in staged["features"]], "failures": []},
+        accounting=Accounting("upstream manifest", len(source.parts("features")), rows_in, checked),
+    )
+    old_encoders = [m.rsplit("/", 1)[0] for m in fsutil.match(fsutil.join(output, "encoder", "*", "saved_model.pb"))]
+    stale = protocol.stale_parts(output, ["features", "failures"], [p.path for p in manifest.files["features"]])
+    protocol.commit(output, manifest, moves + protocol.part_moves(output, staged), staging, stale=stale)
+    for folder in old_encoders:
         if folder != final_encoder:
             fsutil.delete_tree(folder)
     return manifest
 
 
-def register(sub) -> argparse.ArgumentParser:
+def register(sub: Any) -> None:
     p = sub.add_parser("autoencode", help="learn compact (optionally denoising) codes and rewrite features")
     p.add_argument("--features", required=True, help="an extract output folder")
     p.add_argument("--output", required=True)
@@ -156,8 +161,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--train-sample", type=int, default=200_000)
     p.add_argument("--seed", type=int, default=1234)
-    p.set_defaults(run=_main, beam=True)
-    return p
+    p.set_defaults(handler=_main, beam=True)
 
 
 def _main(args, beam_args: list[str]) -> int:
@@ -166,7 +170,7 @@ def _main(args, beam_args: list[str]) -> int:
         noise_stddev=args.noise, mask_fraction=args.mask, epochs=args.epochs, seed=args.seed,
     )
     m = run(args.features, args.output, cfg, args.train_sample, beam_args)
-    enc = m["model"]["encoder"]
-    print(f"autoencode: {m['counts']['ok']} rows → {m['dimension']}-d codes ({enc['kind']}, "
-          f"val loss {enc['val_loss']:.5f}) in {m['elapsed_seconds']:.1f}s; encoder {enc['path']}")
+    enc = m.encoder
+    print(f"autoencode: {m.counts.ok} rows → {m.dimension}-d codes ({enc['kind']}, "
+          f"val loss {enc['val_loss']:.5f}) in {m.elapsed_seconds:.1f}s; encoder {enc['path']}")
     return 0

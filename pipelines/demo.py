@@ -18,8 +18,6 @@ import time
 
 from PIL import Image, ImageEnhance, ImageOps
 
-from pipelines.cli import print_extract_summary, print_index_summary
-
 log = logging.getLogger("cbir.demo")
 
 SAMPLE_PHOTOS = (
@@ -112,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.backbone import ModelSpec
     from pipelines import extract, index
     from pipelines.query import format_table, run_query
+    from serving.methods import SearchOptions
     from transforms.inference import BatchingOptions
 
     out = os.path.abspath(args.output)
@@ -134,28 +133,28 @@ def main(argv: list[str] | None = None) -> int:
         beam_args,
     )
     stages["extract"] = time.time() - t
-    print_extract_summary(fm)
+    extract.print_summary(fm)
 
     t = time.time()
-    dims = min(args.dims, max(1, fm["counts"]["ok"] - 1))
+    dims = min(args.dims, max(1, fm.counts.ok - 1))
     im = index.run(index.IndexConfig(features=os.path.join(out, "features"), output=os.path.join(out, "index"),
                                      shards=args.shards, dims=dims), beam_args)
     stages["index"] = time.time() - t
-    print_index_summary(im)
+    index.print_summary(im)
 
     t = time.time()
     sheet = os.path.join(out, "contact_sheet.png")
-    rows, failures, timings = run_query(os.path.join(out, "index"), queries, k=5, rerank=True,
+    rows, failures, timings = run_query(os.path.join(out, "index"), queries, SearchOptions(k=5, rerank=True),
                                         weights_dir=args.weights_dir, sheet=sheet)
     stages["query"] = time.time() - t
     print(format_table(rows))
     print()
     print("stage      seconds   items   items/s")
-    counts = {"extract": fm["counts"]["read"], "index": im["items"], "query": timings["queries"]}
+    counts = {"extract": fm.counts.read, "index": im.items, "query": timings["queries"]}
     for stage, secs in stages.items():
         print(f"{stage:<9} {secs:>8.1f} {counts[stage]:>7} {counts[stage] / secs:>9.1f}")
     print(f"\nfeatures: {os.path.join(out, 'features')}\nindex:    {os.path.join(out, 'index')} "
-          f"({im['bytes'] / 1e6:.1f} MB)\nsheet:    {sheet}")
+          f"({im.bytes / 1e6:.1f} MB)\nsheet:    {sheet}")
     return 1 if failures else 0
 
 

@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from serving import metrics
-from serving.searcher import LSH_RADIUS, METHODS, Searcher, normalise_rows
+from serving import index_files, metrics
+from serving.methods import SearchOptions
+from serving.searcher import Searcher, normalise_rows
 from transforms import fsutil
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,15 @@ PRECISION_KS = (1, 5, 10)
 
 @dataclasses.dataclass
 class EvaluateConfig:
+    """``search`` is the search each approximate method runs with (its ``method`` is replaced by each of
+    ``methods`` in turn; ``k`` is the list length for recall@k and mAP@k)."""
+
     index: str
     version: str | None = None
-    k: int = 10
+    search: SearchOptions = dataclasses.field(default_factory=SearchOptions)
     methods: tuple[str, ...] = ("annoy", "lsh")
-    rerank: bool = False
-    qe: int = 0
     sample: int = 0  # 0: every item is a query
     seed: int = 0
-    search_k: int = -1
-    lsh_radius: int = LSH_RADIUS
-    batch_size: int = 1024
     verify: bool = True
     plot: str | None = None
 
@@ -61,10 +60,10 @@ def pick_queries(n_items: int, sample: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_items, size=sample, replace=False)).astype(np.int64)
 
 
-def timed_search(searcher: Searcher, vectors: np.ndarray, exclude: np.ndarray, **kwargs: Any):
+def timed_search(searcher: Searcher, vectors: np.ndarray, exclude: np.ndarray, opts: SearchOptions):
     """(ids, scores, queries per second) of one batch search."""
     t0 = time.perf_counter()
-    ids, scores = searcher.search_arrays(vectors, exclude=exclude, **kwargs)
+    ids, scores = searcher.search_arrays(vectors, opts, exclude=exclude)
     elapsed = time.perf_counter() - t0
     return ids, scores, (len(vectors) / elapsed if elapsed > 0 else float("inf"))
 
@@ -72,10 +71,9 @@ def timed_search(searcher: Searcher, vectors: np.ndarray, exclude: np.ndarray, *
 def evaluate(searcher: Searcher, cfg: EvaluateConfig) -> dict[str, Any]:
     """The report of one index version (see the module docstring)."""
     for m in cfg.methods:
-        if m not in METHODS or m == "exact":
-            raise ValueError(f"--methods takes {', '.join(x for x in METHODS if x != 'exact')}, not {m!r}")
-    if cfg.k < 1:
-        raise ValueError("-k must be at least 1")
+        if m == "exact":
+            raise ValueError("--methods lists approximate methods; exact search is always measured")
+        dataclasses.replace(cfg.search, method=m).validate(searcher.available_methods)
     started = time.perf_counter()
     n = searcher.size
     if n < 2:
@@ -83,16 +81,16 @@ def evaluate(searcher: Searcher, cfg: EvaluateConfig) -> dict[str, Any]:
     queries = pick_queries(n, cfg.sample, cfg.seed)
     vectors = searcher.all_vectors()
     qv = normalise_rows(vectors[queries])  # what search_arrays searches with, and expands
-    k = min(cfg.k, n - 1)
-    common = {"search_k": cfg.search_k, "lsh_radius": cfg.lsh_radius, "batch_size": cfg.batch_size}
+    k = min(cfg.search.k, n - 1)
+    base = dataclasses.replace(cfg.search, k=k)
     # exact search over the stored vectors (with the same query expansion): the ground truth for
     # recall, and the throughput baseline
-    exact_ids, _, exact_qps = timed_search(searcher, qv, queries, k=k, method="exact", qe=cfg.qe, **common)
+    exact_ids, _, exact_qps = timed_search(searcher, qv, queries, dataclasses.replace(base, method="exact"))
     ks = tuple(x for x in PRECISION_KS if x <= k)
     exact_lists = metrics.list_metrics(exact_ids, queries, searcher.labels, ks)
     methods: dict[str, Any] = {"exact": {"recall@k": 1.0, "qps": exact_qps, **_lists(exact_lists)}}
     for m in cfg.methods:
-        ids, _, qps = timed_search(searcher, qv, queries, k=k, method=m, rerank=cfg.rerank, qe=cfg.qe, **common)
+        ids, _, qps = timed_search(searcher, qv, queries, dataclasses.replace(base, method=m))
         recall = metrics.recall_at_k(ids, exact_ids)
         lists = metrics.list_metrics(ids, queries, searcher.labels, ks)
         methods[m] = {"recall@k": float(np.nanmean(recall)), "qps": qps, **_lists(lists)}
@@ -104,24 +102,24 @@ def evaluate(searcher: Searcher, cfg: EvaluateConfig) -> dict[str, Any]:
             "items": n,
             "shards": len(searcher.shards),
             "dimension": searcher.dim,
-            "model": searcher.manifest["model"].get("preset"),
+            "model": searcher.manifest.preset,
             "model_fingerprint": searcher.model_fingerprint,
         },
         "k": k,
         "queries": int(len(queries)),
         "sampled": bool(0 < cfg.sample < n),
-        "options": {"rerank": cfg.rerank, "qe": cfg.qe, "search_k": cfg.search_k, "lsh_radius": cfg.lsh_radius,
-                    "seed": cfg.seed},
+        "options": {"rerank": base.rerank, "qe": base.qe, "qe_alpha": base.qe_alpha, "search_k": base.search_k,
+                    "lsh_radius": base.lsh_radius, "seed": cfg.seed},
         "exact": _label_part(full),
         "methods": methods,
         "pr_curve": {"exact": full["pr_curve"]},
     }
-    if cfg.qe > 0:
-        top, _ = searcher.search_arrays(qv, k=cfg.qe, method="exact", exclude=queries, batch_size=cfg.batch_size)
-        expanded = searcher.expand(qv, top, cfg.qe)
+    if base.qe > 0:
+        top, top_scores = searcher.search_arrays(qv, base, exclude=queries, k=base.qe, method="exact", qe=0)
+        expanded = searcher.expand(qv, top, base.qe, top_scores, base.qe_alpha)
         with_qe = metrics.label_metrics(vectors, searcher.labels, queries, query_vectors=expanded, ks=PRECISION_KS)
         report["exact_qe"] = _label_part(with_qe)
-        report["pr_curve"][f"exact_qe{cfg.qe}"] = with_qe["pr_curve"]
+        report["pr_curve"][f"exact_qe{base.qe}"] = with_qe["pr_curve"]
     report["elapsed_seconds"] = round(time.perf_counter() - started, 3)
     return report
 
@@ -199,10 +197,8 @@ def plot_pr(report: dict[str, Any]) -> bytes:
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
-    from pipelines.neighbors import local_index, resolve_remote_version
-
-    version, _ = resolve_remote_version(cfg.index, cfg.version)
-    with Searcher(local_index(cfg.index, version), version=version, verify=cfg.verify) as searcher:
+    version, _ = index_files.resolve(cfg.index, cfg.version)
+    with Searcher(index_files.localise(cfg.index, version), version=version, verify=cfg.verify) as searcher:
         report = evaluate(searcher, cfg)
     if cfg.plot:
         fsutil.write_bytes_atomic(cfg.plot, plot_pr(report))
@@ -210,32 +206,30 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     return report
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
+def register(subparsers: Any) -> None:
+    from pipelines.options import add_search_args, non_negative_int
+
     p = subparsers.add_parser("evaluate", help="leave-one-out mAP, precision@k, recall@k of an index")
     p.add_argument("--index", required=True)
     p.add_argument("--version", default=None, help="index version (default: LATEST)")
-    p.add_argument("-k", type=int, default=10, help="list length for recall@k and mAP@k")
-    p.add_argument("--methods", default="annoy,lsh", help="approximate methods to measure (annoy, lsh, both)")
-    p.add_argument("--rerank", action="store_true", help="re-rank Annoy's candidates exactly")
-    p.add_argument("--qe", type=int, default=0, help="query expansion with the top N")
-    p.add_argument("--sample", type=int, default=0, help="use N random items as queries (default all)")
+    add_search_args(p)
+    p.add_argument("--methods", default="annoy,lsh",
+                   help="approximate methods to measure, comma-separated (annoy, lsh, hnsw, both, a+b)")
+    p.add_argument("--sample", type=non_negative_int, default=0, help="use N random items as queries (default all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--search-k", type=int, default=-1,
-                   help="Annoy search_k (default: the manifest's annoy.search_k, else trees × candidates)")
-    p.add_argument("--lsh-radius", type=int, default=LSH_RADIUS)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", default=None, help="write the precision–recall curve to this PNG")
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not digests")
-    p.set_defaults(run=main, beam=False)
-    return p
+    p.set_defaults(handler=main, beam=False)
 
 
 def main(args: argparse.Namespace, beam_args: list[str]) -> int:
+    from pipelines.options import search_options
+
     cfg = EvaluateConfig(
-        index=args.index, version=args.version, k=args.k,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), rerank=args.rerank, qe=args.qe,
-        sample=args.sample, seed=args.seed, search_k=args.search_k, lsh_radius=args.lsh_radius,
-        verify=not args.no_verify, plot=args.plot,
+        index=args.index, version=args.version, search=search_options(args),
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        sample=args.sample, seed=args.seed, verify=not args.no_verify, plot=args.plot,
     )
     report = run(cfg)
     if args.json:

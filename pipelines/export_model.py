@@ -12,21 +12,23 @@ wrong network.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
+from typing import Any
 
 from index_builder import layout
+from index_builder.vector_space import transform_fingerprint
 from models.backbone import ModelSpec
 from models.export import ExportError, IndexTransform, existing_versions, export_savedmodel
 from models.imaging import DEFAULT_MAX_PIXELS
 from models.presets import PRESETS
+from serving import index_files
 
 log = logging.getLogger(__name__)
 
 
-def register(subparsers) -> argparse.ArgumentParser:
+def register(subparsers: Any) -> None:
     p = subparsers.add_parser("export-model", help="a preset backbone → SavedModel for TensorFlow Serving")
     p.add_argument("--model", default="inception_v3", help=f"preset ({', '.join(sorted(PRESETS))})")
     p.add_argument("--output", required=True, help="model base path: the export goes to OUTPUT/VERSION/")
@@ -41,8 +43,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="never decode JPEG at reduced scale (match an extract run with --full-decode)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse images above this many pixels")
     p.add_argument("--no-warmup", action="store_true", help="do not write assets.extra/tf_serving_warmup_requests")
-    p.set_defaults(run=run, beam=False)
-    return p
+    p.set_defaults(handler=main, beam=False)
 
 
 def parse_version(value: str, output: str) -> int:
@@ -63,27 +64,22 @@ def index_transform(index_dir: str, version: str | None = None) -> IndexTransfor
     Checks the manifest and the digests of the transform_fn files only: the shards
     (possibly gigabytes) play no part in the export.
     """
-    from serving.searcher import resolve_version, transform_fingerprint, verify_files
-
-    version_dir = resolve_version(index_dir, version)
-    with open(os.path.join(version_dir, layout.MANIFEST)) as f:
-        m = json.load(f)
-    layout.check_manifest(m)
+    version, m = index_files.resolve(index_dir, version)
+    version_dir = os.path.join(index_dir, version)
     prefix = layout.TRANSFORM_DIR + "/"
-    transform_files = {k: v for k, v in m["files"].items() if k.startswith(prefix)}
-    if not transform_files:
+    if not any(k.startswith(prefix) for k in m.files):
         raise ExportError(f"{version_dir}: the manifest lists no {prefix} files")
-    verify_files(version_dir, {"files": transform_files}, full=True)
+    index_files.verify_files(version_dir, m, full=True, prefix=prefix)
     return IndexTransform(
         version_dir=version_dir,
-        version=m.get("version", os.path.basename(os.path.normpath(version_dir))),
-        model_fingerprint=m["model_fingerprint"],
+        version=version,
+        model_fingerprint=m.model_fingerprint,
         transform_fingerprint=transform_fingerprint(m),
-        dimension=int(m["dimension"]["output"]),
+        dimension=m.dimension.output,
     )
 
 
-def run(args, beam_args: list[str]) -> int:
+def main(args: argparse.Namespace, beam_args: list[str]) -> int:
     try:
         version = parse_version(args.version, args.output)
         spec = ModelSpec(args.model, weights_dir=args.weights_dir)
@@ -92,13 +88,13 @@ def run(args, beam_args: list[str]) -> int:
             spec, args.output, version=version, index=index, force=args.force, max_pixels=args.max_pixels,
             reduced_decode=not args.full_decode, warmup=not args.no_warmup,
         )
-    except (ExportError, layout.IndexIntegrityError, ValueError, FileNotFoundError) as exc:
+    except ExportError as exc:
         print(f"cbir export-model: {exc}", file=sys.stderr)
         return 2
     info = result.info
-    print(f"exported {info['model']['preset']} ({info['dimension']}-d, {info['input_size']} px, "
-          f"fingerprint {info['model_fingerprint']}) to {result.path}")
-    for name, sig in info["signatures"].items():
+    print(f"exported {info.model['preset']} ({info.dimension}-d, {info.input_size} px, "
+          f"fingerprint {info.model_fingerprint}) to {result.path}")
+    for name, sig in info.signatures.items():
         ins = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in sig["inputs"].items())
         outs = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in sig["outputs"].items())
         print(f"  signature {name}: {ins} -> {outs}")
@@ -107,5 +103,5 @@ def run(args, beam_args: list[str]) -> int:
     base = args.output if "://" in args.output else os.path.abspath(args.output)
     print(f"serve: tensorflow_model_server --model_name=cbir --model_base_path={base} --port=8500 --rest_api_port=8501")
     print(f"extract through it: cbir extract --model savedmodel:{result.path} --signature pixels "
-          f"--input-size {info['input_size']} --input ... --output ...")
+          f"--input-size {info.input_size} --input ... --output ...")
     return 0

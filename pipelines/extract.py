@@ -1,49 +1,55 @@
 """The extract job: image shards in, feature and failure Parquet plus a manifest out.
 
-Output layout (DESIGN.md)::
+Output layout (ARCHITECTURE.md)::
 
     <out>/features/part-<run>-SSSSS-of-NNNNN.parquet
     <out>/failures/part-<run>-SSSSS-of-NNNNN.parquet
     <out>/MANIFEST.json      # written last; lists exactly the files of this run
 
-The pipeline writes under ``<out>/_staging/<run>/``; after it succeeds the parts
-are moved in, the manifest is replaced atomically (the commit point), and parts
-of earlier runs are deleted. A run that dies before the commit leaves the
-previous manifest and its files untouched; readers only trust the manifest.
+The launcher lists the inputs (files, or shard files) and writes the listing under
+``<out>/_staging/<run>/``; the pipeline reads that listing, stages its parts there,
+and shard readers report a tally per shard. Before anything is published the
+launcher checks that inputs (listed files, or the shards' tallies) = ``read`` (Beam
+counter) = rows written in the feature and failure parts; a run that lost elements
+is refused (:class:`~transforms.publish.PublishRefusedError`) and the previous output
+stays. Then the parts move in, the manifest is replaced atomically (the commit
+point), and parts of earlier runs are deleted (``transforms.publish``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
 import apache_beam as beam
 
+from index_builder.manifests import Accounting, ExtractCounts, FeaturesManifest, new_run_id, utc_now
 from models.backbone import ModelSpec
 from models.imaging import DEFAULT_MAX_PIXELS
 from pipelines.runner import pipeline_options
-from transforms import features_io, fsutil, job_metrics
+from transforms import features_io, fsutil, job_metrics, publish
 from transforms.decode import DecodeFn
+from transforms.feature_sets import feature_files, read_features_manifest
 from transforms.incremental import ReuseFeatures, reusable
 from transforms.inference import BatchingOptions, ExtractFeatures
 from transforms.progress import LogProgressFn
+from transforms.readers import InputSpec, ListedFile, ReadImages, write_listing
 from transforms.records import FAILURES_TAG
-from transforms.sources import InputSpec, ReadImages
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "MANIFEST.json"
-FORMAT_VERSION = 1
+KINDS = ("features", "failures")
+TALLIES_DIR = "_tallies"
 
 
 class TooManyFailuresError(RuntimeError):
     """More inputs failed than --max-failure-fraction allows (outputs were still written)."""
 
-    def __init__(self, message: str, manifest: dict[str, Any]):
+    def __init__(self, message: str, manifest: FeaturesManifest):
         super().__init__(message)
         self.manifest = manifest
 
@@ -62,17 +68,13 @@ class ExtractConfig:
     decode_threads: int = 0  # 0: one per core (transforms.decode)
 
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-
-
 def build(
-    p: beam.Pipeline, cfg: ExtractConfig, spec: InputSpec, staging: str, dim: int,
+    p: beam.Pipeline, cfg: ExtractConfig, spec: InputSpec, listing: str, staging: str, dim: int,
     previous_files: list[str] | None = None,
 ) -> None:
     """Composes the extract graph; separate from ``run`` so tests can inspect it."""
-    read = p | "Read" >> ReadImages(spec)
-    records = read.records
+    read = p | "Read" >> ReadImages(spec, listing)
+    records = read["records"]
     reused = None
     if previous_files:
         records, reused = records | "Reuse" >> ReuseFeatures(previous_files, cfg.feature_dtype)
@@ -93,10 +95,17 @@ def build(
         )
     )
     (
-        (read[FAILURES_TAG], decoded[FAILURES_TAG], inference_failures)
+        (read["failures"], decoded[FAILURES_TAG], inference_failures)
         | "AllFailures" >> beam.Flatten()
         | "WriteFailures" >> features_io.WriteFailureParquet(fsutil.join(staging, "failures", "part"))
     )
+    if "tallies" in read:
+        (
+            read["tallies"]
+            | "TallyJson" >> beam.Map(lambda t: json.dumps(t, sort_keys=True))
+            | "WriteTallies" >> beam.io.WriteToText(fsutil.join(staging, TALLIES_DIR, "part"),
+                                                    file_name_suffix=".jsonl")
+        )
 
 
 def _feature_dim(spec: ModelSpec) -> int:
@@ -107,25 +116,29 @@ def _feature_dim(spec: ModelSpec) -> int:
     return Backbone(spec).dim  # a SavedModel declares no dimension: ask it once on the launcher
 
 
-def run(cfg: ExtractConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
+def run(cfg: ExtractConfig, beam_args: list[str] | None = None) -> FeaturesManifest:
     """Runs the job to completion and publishes it; returns the manifest."""
     spec = InputSpec.parse(cfg.input)
-    spec.check_not_empty()
+    listed = spec.list()  # the count everything must add up to; fails at launch when empty
     model_desc = cfg.model.describe()  # resolves weights here: a missing file fails before any work
     model_desc["reduced_decode"] = cfg.reduced_decode  # the query path decodes the same way
     previous_files = _reusable_files(cfg)
     dim = _feature_dim(cfg.model)  # once: for a SavedModel this loads the model on the launcher
     run_id = new_run_id()
-    staging = fsutil.join(cfg.output, "_staging", run_id)
+    staging = publish.staging_dir(cfg.output, run_id)
     started = time.time()
-    options = pipeline_options(beam_args)
-    log.info("extract %s -> %s with %s (run %s)", cfg.input, cfg.output, cfg.model.name, run_id)
-    p = beam.Pipeline(options=options)
-    build(p, cfg, spec, staging, dim, previous_files)
-    result = p.run()
-    result.wait_until_finish()
-    elapsed = time.time() - started
-    manifest = publish(cfg, run_id, staging, model_desc, dim, elapsed, result)
+    listing = write_listing(staging, listed)
+    log.info("extract %d %s from %s -> %s with %s (run %s)", len(listed), "shards" if spec.is_shards else "files",
+             cfg.input, cfg.output, cfg.model.name, run_id)
+    p = beam.Pipeline(options=pipeline_options(beam_args))
+    build(p, cfg, spec, listing, staging, dim, previous_files)
+    try:
+        result = p.run()
+        result.wait_until_finish()
+        manifest = publish_run(cfg, spec, listed, run_id, staging, model_desc, dim, time.time() - started, result)
+    except BaseException:
+        publish.discard_staging(staging)
+        raise
     _check_failure_fraction(manifest, cfg.max_failure_fraction)
     return manifest
 
@@ -134,132 +147,172 @@ def _reusable_files(cfg: ExtractConfig) -> list[str]:
     """Feature files of ``--previous`` when its vectors are interchangeable with this run's."""
     if not cfg.previous:
         return []
-    previous = read_manifest(cfg.previous)
+    previous = read_features_manifest(cfg.previous)
     why_not = reusable(previous, cfg.model.fingerprint(), cfg.feature_dtype, cfg.model.precision,
                        cfg.reduced_decode)
     if why_not:
         log.warning("not reusing %s: %s; extracting everything", cfg.previous, why_not)
         return []
-    files = feature_files(cfg.previous, previous)
-    log.info("reusing features of %s (%d rows) for unchanged images", cfg.previous, previous["counts"]["ok"])
-    return files
+    log.info("reusing features of %s (%d rows) for unchanged images", cfg.previous, previous.counts.ok)
+    return feature_files(cfg.previous, previous)
 
 
-def _stage_files(staging: str, kind: str) -> list[str]:
-    return fsutil.match(fsutil.join(staging, kind, "part-*.parquet"))
+def count_inputs(spec: InputSpec, listed: list[ListedFile], staging: str) -> tuple[int, Accounting]:
+    """How many inputs the run was given, known independently of what the runner delivered.
+
+    Folders: the launcher's listing. Shards: each listed shard's tally; a shard with no
+    tally (or two) refuses the run, since its records cannot be counted.
+    """
+    if not spec.is_shards:
+        return len(listed), Accounting("listing", len(listed), len(listed))
+    tallies: dict[str, list[int]] = {}
+    for path in fsutil.match(fsutil.join(staging, TALLIES_DIR, "part-*")):
+        for line in fsutil.read_bytes(path).decode("utf-8").splitlines():
+            if line.strip():
+                t = json.loads(line)
+                tallies.setdefault(t["unit"], []).append(int(t["entries"]))
+    missing = [f.path for f in listed if len(tallies.get(f.path, [])) != 1]
+    if missing:
+        raise publish.PublishRefusedError(
+            "extract", {"shards listed": len(listed), "shards with one tally": len(listed) - len(missing)},
+            f"no single tally for {len(missing)} shard(s), e.g. {missing[:3]}",
+        )
+    total = sum(tallies[f.path][0] for f in listed)
+    source = "parquet footers" if spec.format == "parquet" else "tallies"
+    return total, Accounting(source, len(listed), total)
 
 
-def publish(
-    cfg: ExtractConfig, run_id: str, staging: str, model_desc: dict[str, Any], dim: int, elapsed: float,
-    result: Any,
-) -> dict[str, Any]:
-    files, counts, failure_reasons = move_staged_parts(cfg.output, run_id, staging)
-    manifest = {
-        "kind": "features",
-        "format_version": FORMAT_VERSION,
-        "run_id": run_id,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": model_desc,
-        "model_fingerprint": cfg.model.fingerprint(),
-        "input_size": cfg.model.size(),
-        "preprocessing": model_desc.get("preprocessing", "savedmodel"),
-        "dimension": dim,
-        "feature_dtype": cfg.feature_dtype,
-        "precision": cfg.model.precision,
-        "counts": counts,
-        "failures_by_reason": failure_reasons,
-        "elapsed_seconds": round(elapsed, 3),
-        "images_per_second": round(counts["read"] / elapsed, 2) if elapsed > 0 else None,
-        "metrics": job_metrics.collect(result, ("cbir", "cbir_inference")),
-        "options": _options(cfg),
-        "files": files,
-    }
-    commit(cfg.output, manifest, staging)
+def publish_run(
+    cfg: ExtractConfig, spec: InputSpec, listed: list[ListedFile], run_id: str, staging: str,
+    model_desc: dict[str, Any], dim: int, elapsed: float, result: Any,
+) -> FeaturesManifest:
+    """Checks the run's counts, then moves its parts in and commits the manifest."""
+    staged = publish.count_staged(staging, KINDS, run_id)
+    ok = sum(p.rows for _, p in staged["features"])
+    failed = sum(p.rows for _, p in staged["failures"])
+    metrics = job_metrics.collect(result, ("cbir", "cbir_inference"))
+    inputs, accounting = count_inputs(spec, listed, staging)
+    accounting.checked = {"inputs": inputs, "read (counter)": metrics.get("read"), "rows written": ok + failed}
+    publish.check_counts("extract", accounting.checked)
+    reasons = _failure_reasons([src for src, _ in staged["failures"]])
+    manifest = FeaturesManifest(
+        run_id=run_id,
+        created_utc=utc_now(),
+        model=model_desc,
+        model_fingerprint=cfg.model.fingerprint(),
+        input_size=cfg.model.size(),
+        preprocessing=model_desc.get("preprocessing", "savedmodel"),
+        dimension=dim,
+        feature_dtype=cfg.feature_dtype,
+        precision=cfg.model.precision,
+        counts=ExtractCounts(read=ok + failed, ok=ok, failed=failed, inputs=inputs),
+        failures_by_reason=reasons,
+        elapsed_seconds=round(elapsed, 3),
+        images_per_second=round((ok + failed) / elapsed, 2) if elapsed > 0 else None,
+        metrics=metrics,
+        options=dataclasses.asdict(cfg),
+        accounting=accounting,
+        files={kind: [p for _, p in staged[kind]] for kind in KINDS},
+    )
+    keep = [p.path for parts in manifest.files.values() for p in parts]
+    publish.commit(cfg.output, manifest, publish.part_moves(cfg.output, staged), staging,
+                   stale=publish.stale_parts(cfg.output, KINDS, keep))
     return manifest
 
 
-def move_staged_parts(
-    output: str, run_id: str, staging: str
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int], dict[str, int]]:
-    """Moves a run's staged parts in under run-specific names; returns (files, counts, failure reasons).
-
-    Old parts stay until :func:`commit`, so the previous manifest stays valid meanwhile.
-    """
-    files: dict[str, list[dict[str, Any]]] = {}
-    counts = {"ok": 0, "failed": 0}
-    failure_reasons: Counter[str] = Counter()
-    moves_from, moves_to = [], []
-    for kind, count_key in (("features", "ok"), ("failures", "failed")):
-        files[kind] = []
-        for src in _stage_files(staging, kind):
-            name = src.rsplit("/", 1)[-1].replace("part-", f"part-{run_id}-", 1)
-            rows = features_io.count_rows(src)
-            counts[count_key] += rows
-            files[kind].append({"path": f"{kind}/{name}", "rows": rows})
-            moves_from.append(src)
-            moves_to.append(fsutil.join(output, kind, name))
-            if kind == "failures" and rows:
-                table = features_io.read_table(src, ["stage", "error"])
-                for stage, error in zip(table.column("stage").to_pylist(), table.column("error").to_pylist(),
-                                        strict=True):
-                    failure_reasons[f"{stage}:{error}"] += 1
-    counts["read"] = counts["ok"] + counts["failed"]
-    fsutil.move(moves_from, moves_to)
-    return files, counts, dict(failure_reasons.most_common())
+def _failure_reasons(failure_parts: list[str]) -> dict[str, int]:
+    reasons: Counter[str] = Counter()
+    for src in failure_parts:
+        table = features_io.read_table(src, ["stage", "error"])
+        for stage, error in zip(table.column("stage").to_pylist(), table.column("error").to_pylist(), strict=True):
+            reasons[f"{stage}:{error}"] += 1
+    return dict(reasons.most_common())
 
 
-def commit(output: str, manifest: dict[str, Any], staging: str) -> None:
-    """Replaces the manifest atomically (the commit point), then deletes parts it does not list."""
-    old = _previous_files(output)
-    fsutil.write_json_atomic(fsutil.join(output, MANIFEST), manifest)
-    keep = {f["path"] for kind in manifest["files"].values() for f in kind}
-    fsutil.delete_quietly([fsutil.join(output, p) for p in old if p not in keep])
-    fsutil.delete_tree(staging)
-    staging_root = staging.rsplit("/", 1)[0]
-    if not fsutil.match(fsutil.join(staging_root, "*")):
-        fsutil.delete_tree(staging_root)
-
-
-def _previous_files(output: str) -> list[str]:
-    """Every part file under the output (earlier runs, or leftovers of crashed ones)."""
-    found = []
-    for kind in ("features", "failures"):
-        for path in fsutil.match(fsutil.join(output, kind, "part-*.parquet")):
-            found.append(f"{kind}/{path.rsplit('/', 1)[-1]}")
-    return found
-
-
-def _options(cfg: ExtractConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg)
-    return d
-
-
-def _check_failure_fraction(manifest: dict[str, Any], limit: float | None) -> None:
-    counts = manifest["counts"]
-    if limit is None or counts["read"] == 0:
+def _check_failure_fraction(manifest: FeaturesManifest, limit: float | None) -> None:
+    counts = manifest.counts
+    if limit is None or counts.read == 0:
         return
-    fraction = counts["failed"] / counts["read"]
+    fraction = counts.failed / counts.read
     if fraction > limit:
         raise TooManyFailuresError(
-            f"{counts['failed']} of {counts['read']} inputs failed ({fraction:.1%}), "
+            f"{counts.failed} of {counts.read} inputs failed ({fraction:.1%}), "
             f"more than --max-failure-fraction {limit:.1%}; outputs were written, see failures/",
             manifest,
         )
 
 
-def read_manifest(features_dir: str) -> dict[str, Any]:
-    """The committed manifest of an extract output; refuses an output without one."""
-    path = fsutil.join(features_dir, MANIFEST)
-    if not fsutil.exists(path):
-        raise FileNotFoundError(
-            f"{path} does not exist: {features_dir} is not a finished extract output (run cbir extract)"
-        )
-    manifest = fsutil.read_json(path)
-    if manifest.get("kind") != "features":
-        raise ValueError(f"{path} is not a features manifest")
-    return manifest
+
+# -- command line -------------------------------------------------------------------------------------
 
 
-def feature_files(features_dir: str, manifest: dict[str, Any] | None = None) -> list[str]:
-    manifest = manifest or read_manifest(features_dir)
-    return [fsutil.join(features_dir, f["path"]) for f in manifest["files"]["features"]]
+def register(subparsers: Any) -> None:
+    from pipelines.options import add_model_args, fraction, positive_int
+
+    ex = subparsers.add_parser("extract", help="images → features/*.parquet, failures/*.parquet, MANIFEST.json")
+    ex.add_argument("--input", required=True, help="folder, glob, tfrecord:GLOB, wds:GLOB or parquet:GLOB")
+    ex.add_argument("--output", required=True)
+    add_model_args(ex, "inception_v3")
+    ex.add_argument("--weights", default=None, help="'random' (timing only) or an explicit weights file")
+    ex.add_argument("--batch-size", type=positive_int, default=64, help="largest inference batch")
+    ex.add_argument("--min-batch-size", type=positive_int, default=8)
+    ex.add_argument("--precision", choices=("float32", "float16", "bfloat16"), default="float32")
+    ex.add_argument("--jit", action="store_true", help="compile the backbone with XLA")
+    ex.add_argument("--share-model", action="store_true",
+                    help="one model per VM shared by all worker processes (GPU workers)")
+    ex.add_argument("--model-copies", type=positive_int, default=None)
+    ex.add_argument("--signature", default="serving_default", help="SavedModel signature")
+    ex.add_argument("--output-key", default=None, help="SavedModel output to read")
+    ex.add_argument("--input-size", type=positive_int, default=None, help="SavedModel input side in pixels")
+    ex.add_argument("--feature-dtype", choices=("float32", "float16"), default="float32")
+    ex.add_argument("--max-pixels", type=positive_int, default=None, help="refuse images above this many pixels")
+    ex.add_argument("--full-decode", action="store_true", help="never decode JPEG at reduced scale")
+    ex.add_argument("--decode-threads", type=int, default=0,
+                    help="decode threads per worker step (default: one per core, at most 8; 1 = no pool)")
+    ex.add_argument("--max-failure-fraction", type=fraction, default=None,
+                    help="exit 3 (after writing outputs) when more than this fraction of the inputs failed")
+    ex.add_argument("--previous", default=None,
+                    help="an earlier extract output: unchanged images (same sha256 and model) are copied")
+    ex.set_defaults(handler=main, beam=True)
+
+
+def main(args: Any, beam_args: list[str]) -> int:
+    cfg = ExtractConfig(
+        input=args.input,
+        output=args.output,
+        model=ModelSpec(
+            name=args.model, weights_dir=args.weights_dir, weights=args.weights, precision=args.precision,
+            jit=args.jit, signature=args.signature, output_key=args.output_key, input_size=args.input_size,
+        ),
+        batching=BatchingOptions(
+            min_batch_size=min(args.min_batch_size, args.batch_size), max_batch_size=args.batch_size,
+            share_across_processes=args.share_model, model_copies=args.model_copies,
+        ),
+        feature_dtype=args.feature_dtype,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+        reduced_decode=not args.full_decode,
+        max_failure_fraction=args.max_failure_fraction,
+        previous=args.previous,
+        decode_threads=args.decode_threads,
+    )
+    try:
+        manifest = run(cfg, beam_args)
+    except TooManyFailuresError as exc:
+        print_summary(exc.manifest)
+        raise
+    print_summary(manifest)
+    return 0
+
+
+def print_summary(m: FeaturesManifest) -> None:
+    c = m.counts
+    print(f"extract: read {c.read}, ok {c.ok}, failed {c.failed} in {m.elapsed_seconds:.1f}s "
+          f"({m.images_per_second or 0:.1f} images/s), model {m.model.get('preset')} {m.dimension}-d")
+    if m.accounting is not None:
+        print(f"  inputs {m.accounting.inputs} ({m.accounting.source}, {m.accounting.units} units): every one is a "
+              "feature or a failure row")
+    reused = m.metrics.get("reused")
+    if reused is not None:
+        print(f"  reused {reused} features from the previous run, extracted {m.metrics.get('to_extract', 0)}")
+    for reason, n in list(m.failures_by_reason.items())[:10]:
+        print(f"  failed {n:>6}  {reason}")

@@ -32,15 +32,29 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from index_builder import layout, lsh
+from index_builder.manifests import (
+    Accounting,
+    AnnoyParams,
+    Dimension,
+    FeaturesManifest,
+    FileDigest,
+    IndexManifest,
+    LshParams,
+    TransformInfo,
+    utc_now,
+)
 from index_builder.shard import DEFAULT_ON_DISK_BYTES, ShardParams
-from pipelines.extract import feature_files, read_manifest
 from pipelines.runner import pipeline_options
 from transforms import fsutil, job_metrics
+from transforms import publish as protocol
+from transforms.feature_sets import feature_files, read_features_manifest
 from transforms.index_build import (
     ATTEMPTS,
+    NON_FINITE_TAG,
     BuildShardFn,
     KeyByShardFn,
     ToInstancesFn,
+    key_skipped,
     make_preprocessing_fn,
     raw_feature_spec,
 )
@@ -80,26 +94,26 @@ class IndexConfig:
             raise ValueError("keep_versions must be at least 1: the published version is always kept")
 
 
-def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
+def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> IndexManifest:
     """Builds, publishes and cleans up; returns the published manifest."""
     import tensorflow as tf  # noqa: F401  (tf.Transform needs it loaded)
     import tensorflow_transform.beam as tft_beam
     from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
     cfg.validate()
-    features_manifest = read_manifest(cfg.features)
+    features_manifest = read_features_manifest(cfg.features)
     files = feature_files(cfg.features, features_manifest)
-    dim_in = int(features_manifest["dimension"])
+    dim_in = features_manifest.dimension
     if cfg.dims > dim_in:
         log.warning("--dims %d is above the feature dimension %d: keeping %d", cfg.dims, dim_in, dim_in)
     dim_out = dim_in if cfg.dims == 0 else min(cfg.dims, dim_in)
-    n_items = int(features_manifest["counts"]["ok"])
+    n_items = sum(p.rows for p in features_manifest.parts("features"))
     if n_items == 0:
         raise ValueError(f"{cfg.features} holds no features: nothing to index")
     if cfg.dims and n_items < dim_out:
         log.warning("only %d items for a %d-d PCA: trailing axes will be noise", n_items, dim_out)
     version = layout.new_version()
-    staging = fsutil.join(cfg.output, layout.STAGING, version)
+    staging = fsutil.join(cfg.output, layout.STAGING, version)  # GC'd by version name, not by run (collect_garbage)
     planes = lsh.hyperplanes(dim_out, cfg.lsh_bits, cfg.seed)
     params = ShardParams(trees=cfg.trees, seed=cfg.seed, on_disk_bytes=cfg.annoy_on_disk_bytes)
     started = time.time()
@@ -109,12 +123,14 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cbir-tft-") as tft_tmp:
         p = beam.Pipeline(options=pipeline_options(beam_args))
         with tft_beam.Context(temp_dir=_tft_temp(beam_args, tft_tmp)):
-            rows = (
+            instances = (
                 p
                 | "Files" >> beam.Create(files)
                 | "ReadParquet" >> beam.io.ReadAllFromParquetBatched()
-                | "ToInstances" >> beam.ParDo(ToInstancesFn())
+                | "ToInstances" >> beam.ParDo(ToInstancesFn()).with_outputs(NON_FINITE_TAG, main="rows")
             )
+            rows = instances.rows
+            skipped = instances[NON_FINITE_TAG] | "KeySkipped" >> beam.Map(key_skipped, cfg.shards)
             (transformed, _), transform_fn = (rows, metadata) | "FitTransform" >> tft_beam.AnalyzeAndTransformDataset(
                 make_preprocessing_fn(dim_out if cfg.dims else 0)
             )
@@ -122,7 +138,7 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
             keyed = transformed | "KeyByShard" >> beam.ParDo(KeyByShardFn(cfg.shards))
             every_shard = p | "AllShards" >> beam.Create([(s, None) for s in range(cfg.shards)])
             (
-                (keyed, every_shard)
+                (keyed, skipped, every_shard)
                 | "Merge" >> beam.Flatten()
                 | "GroupByShard" >> beam.GroupByKey()
                 | "BuildShard" >> beam.ParDo(BuildShardFn(staging, dim_out, planes, params))
@@ -132,7 +148,11 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
     _write_npy(fsutil.join(staging, layout.LSH_PLANES), planes)
     elapsed = time.time() - started
     counters = job_metrics.collect(result, ("cbir_index",), distributions=False)
-    manifest = publish(cfg, version, staging, features_manifest, dim_in, dim_out, elapsed, counters)
+    try:
+        manifest = publish(cfg, version, staging, features_manifest, dim_in, dim_out, elapsed, counters)
+    except protocol.PublishRefusedError:
+        protocol.discard_staging(staging)  # a refused build is dead: nothing of it is worth keeping
+        raise
     try:
         collect_garbage(cfg.output, version, cfg.keep_versions, cfg.stale_after_seconds)
     except Exception as exc:  # the new version is published; a failed cleanup must not undo that
@@ -190,19 +210,25 @@ def publish(
     cfg: IndexConfig,
     version: str,
     staging: str,
-    features_manifest: dict[str, Any],
+    features_manifest: FeaturesManifest,
     dim_in: int,
     dim_out: int,
     elapsed: float,
     metrics: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    """Moves the staged build into ``<output>/<version>``, commits its manifest, switches ``LATEST``."""
+) -> IndexManifest:
+    """Checks the build's counts, moves it into ``<output>/<version>``, commits its manifest, switches ``LATEST``."""
     attempts = choose_attempts(staging, cfg.shards)
-    files: dict[str, dict[str, Any]] = {}
+    infos = [info for _, info in attempts]
+    rows_in = sum(p.rows for p in features_manifest.parts("features"))
+    accounted = sum(i["items"] + i.get("duplicates_dropped", 0) + i.get("non_finite_skipped", 0) for i in infos)
+    checked = {"feature rows": rows_in, "rows read (counter)": (metrics or {}).get("rows_read"),
+               "items + duplicates + non-finite in the shards": accounted}
+    protocol.check_counts("index", checked)
+    files: dict[str, FileDigest] = {}
     moves: list[tuple[str, str]] = []
     for s, (folder, info) in enumerate(attempts):
         for name, meta in info["files"].items():
-            files[f"{layout.shard_dir(s)}/{name}"] = meta
+            files[f"{layout.shard_dir(s)}/{name}"] = FileDigest(meta["sha256"], meta["bytes"])
             moves.append((fsutil.join(folder, name), f"{layout.shard_dir(s)}/{name}"))
         files[f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"] = _digest(fsutil.join(folder, layout.SHARD_INFO))
         moves.append((fsutil.join(folder, layout.SHARD_INFO), f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"))
@@ -216,66 +242,55 @@ def publish(
             moves.append((path, rel))
     files[layout.LSH_PLANES] = _digest(fsutil.join(staging, layout.LSH_PLANES))
     moves.append((fsutil.join(staging, layout.LSH_PLANES), layout.LSH_PLANES))
-    infos = [info for _, info in attempts]
     total = sum(i["items"] for i in infos)
-    manifest = {
-        "kind": "index",
-        "format_version": layout.FORMAT_VERSION,
-        "version": version,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "metric": layout.METRIC,
-        "dimension": {"input": dim_in, "output": dim_out},
-        "transform": {"steps": ["l2", "pca", "l2"] if cfg.dims else ["l2"], "dims": cfg.dims},
-        "shards": cfg.shards,
-        "sharding": SHARDING,
-        "ids": "dense per shard, 0..n-1 in image_id order",
-        "items": total,
-        "items_per_shard": [i["items"] for i in infos],
-        "duplicates_dropped": sum(i.get("duplicates_dropped", 0) for i in infos),
-        "model": features_manifest["model"],
-        "model_fingerprint": features_manifest["model_fingerprint"],
-        "features_run_id": features_manifest.get("run_id"),
-        "annoy": {"trees": cfg.trees, "metric": layout.METRIC, "seed": cfg.seed,
-                  "search_k": layout.recommended_search_k(max(i["items"] for i in infos), cfg.trees),
-                  "on_disk_build_shards": [s for s, i in enumerate(infos) if i.get("annoy", {}).get("on_disk_build")]},
-        "lsh": {"bits": cfg.lsh_bits, "seed": cfg.seed, "substring_bits": lsh.SUBSTRING_BITS},
-        "vectors_dtype": "float16",
-        "metrics": metrics or {},
-        "elapsed_seconds": round(elapsed, 3),
-        "bytes": sum(f["bytes"] for f in files.values()),
-        "files": dict(sorted(files.items())),
-    }
+    manifest = IndexManifest(
+        version=version,
+        created_utc=utc_now(),
+        metric=layout.METRIC,
+        dimension=Dimension(dim_in, dim_out),
+        transform=TransformInfo(["l2", "pca", "l2"] if cfg.dims else ["l2"], cfg.dims),
+        shards=cfg.shards,
+        sharding=SHARDING,
+        items=total,
+        items_per_shard=[i["items"] for i in infos],
+        duplicates_dropped=sum(i.get("duplicates_dropped", 0) for i in infos),
+        model=features_manifest.model,
+        model_fingerprint=features_manifest.model_fingerprint,
+        features_run_id=features_manifest.run_id,
+        annoy=AnnoyParams(
+            trees=cfg.trees, metric=layout.METRIC, seed=cfg.seed,
+            search_k=layout.recommended_search_k(max(i["items"] for i in infos), cfg.trees),
+            on_disk_build_shards=[s for s, i in enumerate(infos) if i.get("annoy", {}).get("on_disk_build")],
+        ),
+        lsh=LshParams(bits=cfg.lsh_bits, seed=cfg.seed, substring_bits=lsh.SUBSTRING_BITS),
+        metrics=metrics or {},
+        elapsed_seconds=round(elapsed, 3),
+        bytes=sum(f.bytes for f in files.values()),
+        files=dict(sorted(files.items())),
+        accounting=Accounting("upstream manifest", len(features_manifest.parts("features")), rows_in, checked),
+    )
     final = fsutil.join(cfg.output, version)
-    _move_into_place(moves, final)
+    moves = [(src, fsutil.join(final, rel)) for src, rel in moves]
+    fsutil.move([src for src, _ in moves], [dst for _, dst in moves])
     _check_in_place(final, files)
-    _commit(final, manifest)
+    protocol.commit(final, manifest, [], staging)  # the commit point: the version's MANIFEST.json
     fsutil.write_json_atomic(fsutil.join(cfg.output, layout.POINTER), {"version": version})
-    fsutil.delete_tree(staging)
-    log.info("published %s: %d items in %d shards, %.1f MB", version, total, cfg.shards, manifest["bytes"] / 1e6)
+    log.info("published %s: %d items in %d shards, %.1f MB", version, total, cfg.shards, manifest.bytes / 1e6)
     return manifest
 
 
-def _move_into_place(moves: list[tuple[str, str]], final: str) -> None:
-    fsutil.move([src for src, _ in moves], [fsutil.join(final, rel) for _, rel in moves])
-
-
-def _check_in_place(final: str, files: dict[str, dict[str, Any]]) -> None:
+def _check_in_place(final: str, files: dict[str, FileDigest]) -> None:
     """Every file the manifest will list is in the version folder at its size, before the commit."""
     sizes = _sizes(fsutil.join(final, "**"))
-    bad = [rel for rel, meta in files.items() if sizes.get(fsutil.join(final, rel)) != meta["bytes"]]
+    bad = [rel for rel, meta in files.items() if sizes.get(fsutil.join(final, rel)) != meta.bytes]
     if bad:
         raise IndexBuildError(f"{final}: {len(bad)} file(s) missing or of the wrong size after the move: {bad[:5]}")
 
 
-def _commit(final: str, manifest: dict[str, Any]) -> None:
-    """The commit point: a version is an index once its MANIFEST.json exists."""
-    fsutil.write_json_atomic(fsutil.join(final, layout.MANIFEST), manifest)
-
-
-def _digest(path: str) -> dict[str, Any]:
+def _digest(path: str) -> FileDigest:
     with beam.io.filesystems.FileSystems.open(path, compression_type="uncompressed") as f:
         digest, size = layout.sha256_stream(iter(lambda: f.read(1 << 20), b""))
-    return {"sha256": digest, "bytes": size}
+    return FileDigest(digest, size)
 
 
 def collect_garbage(
@@ -309,3 +324,44 @@ def collect_garbage(
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(output, layout.STAGING))
     return plan.all
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+
+def register(subparsers: Any) -> None:
+    from pipelines.options import non_negative_int, positive_int
+
+    ix = subparsers.add_parser("index", help="features → sharded Annoy + LSH index version")
+    ix.add_argument("--features", required=True, help="an extract output folder")
+    ix.add_argument("--output", required=True)
+    ix.add_argument("--shards", type=positive_int, default=1)
+    ix.add_argument("--dims", type=non_negative_int, default=256, help="PCA dimension (0 keeps the input dimension)")
+    ix.add_argument("--trees", type=positive_int, default=50)
+    ix.add_argument("--lsh-bits", type=int, default=128, choices=lsh.SUPPORTED_BITS)
+    ix.add_argument("--seed", type=int, default=1234)
+    ix.add_argument("--keep-versions", type=positive_int, default=3,
+                    help="complete versions kept (LATEST's always is)")
+    ix.add_argument("--annoy-on-disk-mb", type=positive_int, default=None,
+                    help="build a shard's Annoy in its file (not RAM) above this estimated size")
+    ix.add_argument("--stale-after-hours", type=float, default=24.0,
+                    help="unpublished builds older than this are cleaned up")
+    ix.set_defaults(handler=main, beam=True)
+
+
+def main(args: Any, beam_args: list[str]) -> int:
+    cfg = IndexConfig(
+        features=args.features, output=args.output, shards=args.shards, dims=args.dims, trees=args.trees,
+        lsh_bits=args.lsh_bits, seed=args.seed, keep_versions=args.keep_versions,
+        stale_after_seconds=args.stale_after_hours * 3600,
+        **({"annoy_on_disk_bytes": args.annoy_on_disk_mb << 20} if args.annoy_on_disk_mb else {}),
+    )
+    print_summary(run(cfg, beam_args))
+    return 0
+
+
+def print_summary(m: IndexManifest) -> None:
+    rate = m.items / m.elapsed_seconds if m.elapsed_seconds else 0
+    print(f"index: {m.version}: {m.items} items in {m.shards} shard(s), "
+          f"{m.dimension.input}→{m.dimension.output} dims, {m.bytes / 1e6:.1f} MB, "
+          f"{m.elapsed_seconds:.1f}s ({rate:.0f} items/s)")

@@ -13,14 +13,14 @@ def register(sub) -> None:
     p.add_argument("--output", required=True, help="local folder")
     p.add_argument("--limit", type=int, default=5000, help="items to export (evenly spaced)")
     p.add_argument("--no-sprite", action="store_true")
-    p.set_defaults(run=_projector, beam=False)
+    p.set_defaults(handler=_projector, beam=False)
 
     f = sub.add_parser("filters", help="write the first convolution's filters as a PNG grid")
     f.add_argument("--model", default="inception_v3")
     f.add_argument("--weights-dir", default=None)
     f.add_argument("--weights", default=None, help="'random' to compare with untrained filters")
     f.add_argument("--output", required=True, help="PNG path")
-    f.set_defaults(run=_filters, beam=False)
+    f.set_defaults(handler=_filters, beam=False)
 
 
 def _projector(args: argparse.Namespace, _beam_args) -> int:

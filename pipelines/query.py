@@ -15,7 +15,8 @@ import sys
 import time
 from typing import Any
 
-from serving.embedder import ModelMismatchError, open_embedder
+from serving.embedder import open_embedder
+from serving.methods import SearchOptions
 from serving.searcher import Searcher
 from serving.sheet import contact_sheet, save_png
 from transforms import fsutil
@@ -48,10 +49,7 @@ def _write_bytes(path: str, data: bytes) -> None:
 def run_query(
     index: str,
     images: list[str],
-    k: int = 10,
-    rerank: bool = False,
-    qe: int = 0,
-    method: str = "annoy",
+    opts: SearchOptions | None = None,
     version: str | None = None,
     weights_dir: str | None = None,
     sheet: str | None = None,
@@ -79,8 +77,9 @@ def run_query(
             embedder.close()
     t3 = time.perf_counter()
     rows = []
+    opts = searcher.options(opts)
     for path, vec in zip(ok_paths, vectors, strict=True):
-        hits = searcher.search(vec, k=k, method=method, rerank=rerank, qe=qe)
+        hits = searcher.search(vec, opts)
         rows.append({"query": path, "results": [searcher.describe(h, r + 1) for r, h in enumerate(hits)]})
     t4 = time.perf_counter()
     if sheet:
@@ -101,19 +100,41 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
+def register(subparsers: Any) -> None:
+    from pipelines.options import add_search_args
+
+    q = subparsers.add_parser("query", help="image files → nearest neighbours")
+    q.add_argument("--index", required=True)
+    q.add_argument("images", nargs="+")
+    add_search_args(q)
+    q.add_argument("--json", action="store_true", help="one JSON object per query")
+    q.add_argument("--sheet", default=None, help="write a contact sheet PNG")
+    q.add_argument("--version", default=None, help="index version (default: LATEST)")
+    q.add_argument("--no-verify", action="store_true", help="check file sizes only, not digests")
+    q.add_argument("--weights-dir", default=None)
+    q.add_argument("--serving", default=None, metavar="HOST:PORT",
+                   help="embed the queries with TensorFlow Serving (cbir export-model) instead of the local model")
+    q.add_argument("--serving-protocol", choices=("grpc", "rest"), default="grpc",
+                   help="grpc (TF Serving port 8500) or rest (port 8501)")
+    q.add_argument("--serving-model", default="cbir", help="the model name TF Serving serves it under")
+    q.add_argument("--serving-signature", default="serving_default",
+                   help="serving_default (transform applied here) or transformed (exported with --index)")
+    q.set_defaults(handler=main, beam=False)
+
+
+def main(args: Any, beam_args: list[str]) -> int:
+    from pipelines.options import search_options
     from serving.client import ServingError
 
     serving = None
-    if getattr(args, "serving", None):
+    if args.serving:
         serving = ServingOptions(args.serving, args.serving_protocol, args.serving_model, args.serving_signature)
     try:
         rows, failures, timings = run_query(
-            args.index, args.images, k=args.k, rerank=args.rerank, qe=args.qe, method=args.method,
-            version=args.version, weights_dir=args.weights_dir, sheet=args.sheet, verify=not args.no_verify,
-            serving=serving,
+            args.index, args.images, search_options(args), version=args.version, weights_dir=args.weights_dir,
+            sheet=args.sheet, verify=not args.no_verify, serving=serving,
         )
-    except (ModelMismatchError, ServingError) as exc:
+    except ServingError as exc:
         print(f"cbir query: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -41,3 +41,50 @@ def pipeline_options(beam_args: list[str] | None) -> PipelineOptions:
         if direct.direct_running_mode == "multi_threading" and workers != 1:
             log.warning(MULTI_THREADING_DEFECT, workers)
     return options
+
+
+def _beam_option_strings() -> set[str]:
+    """Every ``--flag`` some PipelineOptions view defines (Beam's own parser, not a copy of its list)."""
+    import argparse
+
+    from apache_beam.options import pipeline_options as po
+
+    parser = argparse.ArgumentParser(add_help=False)
+    seen: set[type] = set()
+    todo = [po.PipelineOptions]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                todo.append(sub)
+                try:
+                    sub._add_argparse_args(parser)  # noqa: SLF001  (how Beam itself builds its parser)
+                except Exception:  # argparse conflicts between views that define the same flag
+                    continue
+    return {s for action in parser._actions for s in action.option_strings}  # noqa: SLF001
+
+
+def check_beam_args(extra: list[str], command_parser) -> str | None:
+    """None when every extra argument is a Beam pipeline option; else a message naming the first that is not.
+
+    Beam itself only logs "Discarding unparseable args" and runs on with defaults, so a typo
+    such as ``--dimz 32`` would build a default index and exit 0.
+    """
+    import difflib
+
+    beam = _beam_option_strings()
+    ours = {s for action in command_parser._actions for s in action.option_strings}  # noqa: SLF001
+    for arg in extra:
+        if not arg.startswith("-"):
+            continue  # a value of the option before it
+        flag = arg.split("=", 1)[0]
+        if flag in beam:
+            continue
+        close = difflib.get_close_matches(flag, sorted(ours | beam), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"unrecognised argument {flag}{hint}: it is neither an option of this command nor a Beam pipeline option"
+    positional = [a for a in extra if not a.startswith("-")]
+    if positional and not any(a.startswith("-") for a in extra):
+        return f"unrecognised arguments: {' '.join(positional)}"
+    return None

@@ -24,5 +24,3 @@ else
   echo "[setup] reusing $VENV (dependencies unchanged)" >&2
 fi
 export PATH="$VENV/bin:$PATH"
-# TensorFlow's C++ INFO lines drown the progress output; warnings still show.
-export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"

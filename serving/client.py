@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from index_builder.manifests import IndexManifest
+from index_builder.vector_space import space_fingerprint
 from models.export import (
     BYTES_SIGNATURE,
     FEATURES_OUTPUT,
@@ -38,7 +40,9 @@ from models.export import (
     TRANSFORM_FINGERPRINT_OUTPUT,
     read_export_info,
 )
-from serving.embedder import DecodeFailure, FileEmbedding, ModelMismatchError
+from serving import compatibility
+from serving.compatibility import ModelMismatchError
+from serving.embedder import DecodeFailure, FileEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -304,61 +308,25 @@ def make_client(address: str, protocol: str = "grpc", model_name: str = DEFAULT_
 # -- query embedding through the client --------------------------------------------------------------
 
 
-def accepted_model_fingerprints(manifest: dict[str, Any]) -> set[str]:
-    """Model fingerprints whose served vectors the index can search.
-
-    The index's own; and when the index was extracted through an exported SavedModel
-    (``savedmodel:DIR/N``), the fingerprint that export recorded, which is the preset's.
-    """
-    accepted = {manifest["model_fingerprint"]}
-    model = manifest.get("model", {})
-    if model.get("preset") == "savedmodel" and model.get("path"):
-        try:
-            info = read_export_info(model["path"])
-        except Exception as exc:  # unreadable from here: the index's own fingerprint still applies
-            log.warning("could not read the export record of %s: %s", model["path"], exc)
-            info = None
-        if info:
-            accepted.add(info["model_fingerprint"])
-    return accepted
+def _export_card(manifest: IndexManifest) -> Any:
+    """The export card of the SavedModel the index was extracted with (``savedmodel:DIR/N``), if readable."""
+    model = manifest.model
+    if model.get("preset") != "savedmodel" or not model.get("path"):
+        return None
+    try:
+        return read_export_info(model["path"])
+    except Exception as exc:  # unreadable from here: the index's own fingerprint still applies
+        log.warning("could not read the export record of %s: %s", model["path"], exc)
+        return None
 
 
-def check_prediction(prediction: Prediction, manifest: dict[str, Any], endpoint: str) -> None:
+def check_prediction(prediction: Prediction, manifest: IndexManifest, endpoint: str) -> None:
     """Refuses vectors from another model, or transformed for another index version."""
-    from serving.searcher import transform_fingerprint
-
-    fingerprints = set(prediction.model_fingerprints or [])
-    if not fingerprints:
-        raise ModelMismatchError(
-            f"{endpoint} returns no {FINGERPRINT_OUTPUT!r}: it was not exported by cbir export-model, so its "
-            "vectors cannot be checked against the index"
-        )
-    accepted = accepted_model_fingerprints(manifest)
-    if not fingerprints <= accepted:
-        raise ModelMismatchError(
-            f"{endpoint} serves model fingerprint {', '.join(sorted(fingerprints))}; the index "
-            f"{manifest.get('version')} was built with {manifest['model'].get('preset')} (fingerprint "
-            f"{manifest['model_fingerprint']}). Export the index's model (cbir export-model --model "
-            f"{manifest['model'].get('preset')}) and serve it, or query without --serving."
-        )
-    dims = manifest["dimension"]
-    if prediction.transformed:
-        expected = transform_fingerprint(manifest)
-        got = set(prediction.transform_fingerprints or [])
-        if got != {expected}:
-            served = ", ".join(sorted(set(prediction.index_versions or []))) or "unknown"
-            raise ModelMismatchError(
-                f"{endpoint} applies the transform_fn of index version {served} (transform fingerprint "
-                f"{', '.join(sorted(got))}), not that of {manifest.get('version')} ({expected}). Re-export with "
-                "--index pointing at this version, or use the serving_default signature (transformed locally)."
-            )
-        want = int(dims["output"])
-    else:
-        want = int(dims["input"])
-    if prediction.features.shape[1] != want:
-        raise ModelMismatchError(
-            f"{endpoint} returned {prediction.features.shape[1]}-d vectors; the index expects {want}-d here"
-        )
+    compatibility.check_served(
+        manifest, endpoint, int(prediction.features.shape[1]), prediction.model_fingerprints,
+        prediction.transform_fingerprints if prediction.transformed else None, prediction.index_versions,
+        _export_card(manifest), FINGERPRINT_OUTPUT,
+    )
 
 
 class ServingEmbedder(FileEmbedding):
@@ -370,14 +338,12 @@ class ServingEmbedder(FileEmbedding):
     failures name the files, as the local path does.
     """
 
-    def __init__(self, version_dir: str, manifest: dict[str, Any], client: ServingClient, batch_size: int = 32):
-        from serving.searcher import space_fingerprint
-
+    def __init__(self, version_dir: str, manifest: IndexManifest, client: ServingClient, batch_size: int = 32):
         self.version_dir = version_dir
         self.manifest = manifest
         self.client = client
         self.batch_size = max(1, batch_size)
-        self.dim = int(manifest["dimension"]["output"])
+        self.dim = manifest.dimension.output
         self.space_fingerprint = space_fingerprint(manifest)
         self._tft = None
         self._signature: SignatureInfo | None = None

@@ -14,20 +14,18 @@ from typing import Any
 
 import numpy as np
 
+from index_builder.manifests import IndexManifest
+from index_builder.vector_space import space_fingerprint
 from models.backbone import Backbone, ModelSpec
 from models.imaging import DEFAULT_MAX_PIXELS, decode_and_resize
-from models.presets import fingerprint
+from serving.compatibility import ModelMismatchError, check_model
 
 log = logging.getLogger(__name__)
 
 
-class ModelMismatchError(ValueError):
-    """The query model is not the one the index was built with."""
-
-
-def spec_from_manifest(manifest: dict[str, Any], weights_dir: str | None = None, **overrides: Any) -> ModelSpec:
+def spec_from_manifest(manifest: IndexManifest, weights_dir: str | None = None, **overrides: Any) -> ModelSpec:
     """The ModelSpec that reproduces the index's features (preset name, weights kind)."""
-    model = manifest["model"]
+    model = manifest.model
     if model.get("preset") == "savedmodel":
         name = "savedmodel:" + model["path"]
         extra = {"signature": model["signature"], "output_key": model["output_key"],
@@ -38,31 +36,6 @@ def spec_from_manifest(manifest: dict[str, Any], weights_dir: str | None = None,
     kwargs = {"name": name, "weights_dir": weights_dir, "weights": weights, **extra}
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return ModelSpec(**kwargs)
-
-
-def check_same_model(spec: ModelSpec, manifest: dict[str, Any]) -> None:
-    """Refuses a query model whose features are not interchangeable with the index's.
-
-    For an index of autoencoder codes the backbone must match the encoder's source
-    features, and the encoder must be the one the codes were made with.
-    """
-    expected = manifest["model_fingerprint"]
-    got = spec.fingerprint()
-    encoder = manifest["model"].get("encoder")
-    if encoder:
-        if fingerprint({"source": encoder.get("source_fingerprint"), "encoder": encoder["saved_model_digest"]}) \
-                != expected:
-            raise ModelMismatchError("the index's encoder record does not match its fingerprint: rebuild it")
-        expected = encoder["source_fingerprint"]
-    if got != expected:
-        ours = spec.describe()
-        theirs = manifest["model"]
-        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-        raise ModelMismatchError(
-            f"the index was built with model {theirs.get('preset')} (fingerprint {expected}); the query model "
-            f"{spec.name} has fingerprint {got} (differs in: {', '.join(diff) or 'unknown'}). "
-            "Query with the index's model and weights, or rebuild the index."
-        )
 
 
 @dataclasses.dataclass
@@ -92,13 +65,11 @@ class FileEmbedding:
 class Embedder(FileEmbedding):
     """Loads the backbone once and the index's transform_fn; embeds batches of images."""
 
-    def __init__(self, version_dir: str, manifest: dict[str, Any], spec: ModelSpec,
+    def __init__(self, version_dir: str, manifest: IndexManifest, spec: ModelSpec,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
         import tensorflow_transform as tft
 
-        from serving.searcher import space_fingerprint
-
-        check_same_model(spec, manifest)
+        check_model(spec, manifest)
         self.version_dir = version_dir
         # the vector space this embedder produces: a searcher on another version refuses it
         self.space_fingerprint = space_fingerprint(manifest)
@@ -106,10 +77,10 @@ class Embedder(FileEmbedding):
         self.backbone = Backbone(spec)
         self.max_pixels = max_pixels
         # decode as the corpus was decoded (extract --full-decode turns reduced-scale JPEG off)
-        self.reduced_decode = bool(manifest["model"].get("reduced_decode", True))
-        self._encode = self._load_encoder(manifest["model"].get("encoder"))
+        self.reduced_decode = manifest.reduced_decode
+        self._encode = self._load_encoder(manifest.model.get("encoder"))
         self._tft = tft.TFTransformOutput(version_dir)
-        self.dim = int(manifest["dimension"]["output"])
+        self.dim = manifest.dimension.output
 
     @staticmethod
     def _load_encoder(encoder: dict[str, Any] | None):
@@ -152,8 +123,7 @@ class Embedder(FileEmbedding):
         return self.transform(raw), ok, failures
 
 
-
-def open_embedder(version_dir: str, manifest: dict[str, Any], weights_dir: str | None = None,
+def open_embedder(version_dir: str, manifest: IndexManifest, weights_dir: str | None = None,
                   model: str | None = None, precision: str | None = None) -> Embedder:
     """An embedder for ``version_dir``: the index's own model unless ``model`` names another one,
     which is then checked against the index's fingerprint (and refused when it differs)."""

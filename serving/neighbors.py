@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from serving.searcher import LSH_RADIUS, Searcher
+from serving.methods import SearchOptions
+from serving.searcher import Searcher
 
 SCHEMA = pa.schema(
     [
@@ -37,18 +37,14 @@ SCHEMA = pa.schema(
 
 @dataclasses.dataclass(frozen=True)
 class NeighborOptions:
-    k: int = 10
-    method: str = "annoy"
-    rerank: bool = True
-    qe: int = 0
-    search_k: int = -1
-    lsh_radius: int = LSH_RADIUS
-    batch_size: int = 256
+    """The search every row is made with (re-ranked exactly by default), and the table's own settings."""
+
+    search: SearchOptions = dataclasses.field(default_factory=lambda: SearchOptions(rerank=True, batch_size=256))
     max_duplicates: int = 100  # duplicate_ids listed per row; duplicate_count has the full number
 
-    def search_kwargs(self) -> dict[str, Any]:
-        return {"k": self.k, "method": self.method, "rerank": self.rerank, "qe": self.qe,
-                "search_k": self.search_k, "lsh_radius": self.lsh_radius}
+    @property
+    def batch_size(self) -> int:
+        return self.search.batch_size
 
 
 def chunks(items_per_shard: list[int], chunk_size: int) -> list[tuple[int, int, int]]:
@@ -98,7 +94,7 @@ def neighbor_table(
     """Neighbour rows of the given global ids, searched as one batch with each item excluded."""
     gids = np.asarray(gids, np.int64)
     vectors = searcher.vectors_of(gids)
-    ids, scores = searcher.search_arrays(vectors, exclude=gids, batch_size=opts.batch_size, **opts.search_kwargs())
+    ids, scores = searcher.search_arrays(vectors, opts.search, exclude=gids)
     names = searcher.image_ids
     col_ids, col_scores, col_dup, col_dup_ids, col_dup_count = [], [], [], [], []
     for gid, row_ids, row_scores in zip(gids.tolist(), ids, scores, strict=True):

@@ -70,3 +70,17 @@ def flowers_index(tmp_path_factory, flowers_features):
     manifest = index.run(index.IndexConfig(features=str(flowers_features[0]), output=str(out), shards=2,
                                            dims=128, trees=20))
     return out, manifest
+
+
+# Fixtures that run a whole Beam job (directly or through another fixture).
+JOB_FIXTURES = {"flowers_features", "flowers_index"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Whole-job tests are ``slow``: everything under tests/pipelines/, and every test whose fixtures
+    run a job. ``./run_tests.sh -m "not slow"`` is the fast loop."""
+    slow = pytest.mark.slow
+    for item in items:
+        under_pipelines = "pipelines" in Path(str(item.fspath)).parts[-2:-1]
+        if under_pipelines or JOB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(slow)

@@ -30,7 +30,7 @@ FAILURE_SCHEMA = pa.schema(
 
 
 def feature_schema(dim: int, feature_dtype: str = "float32") -> pa.Schema:
-    """The DESIGN.md feature row; ``feature`` is ``fixed_size_list<float>[dim]``."""
+    """The ARCHITECTURE.md feature row; ``feature`` is ``fixed_size_list<float>[dim]``."""
     return pa.schema(
         [
             ("image_id", pa.string()),

@@ -81,3 +81,30 @@ def delete_tree(root: str) -> None:
             FileSystems.delete([root])
     except BeamIOError:
         pass
+
+
+def copy_to_local(src: str, dest: str) -> None:
+    """Copies one file from any Beam filesystem to a local path (parents created)."""
+    import os
+    import shutil
+
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    with FileSystems.open(src, compression_type="uncompressed") as f, open(dest, "wb") as out:
+        shutil.copyfileobj(f, out, length=8 << 20)
+
+
+def localise_tree(path: str) -> str:
+    """A local folder with the files under ``path``: ``path`` itself when local, else a temporary copy.
+
+    TensorFlow loads SavedModels from local disk here; object-store folders are copied first.
+    """
+    if "://" not in path:
+        return path
+    import os
+    import tempfile
+
+    local = tempfile.mkdtemp(prefix="cbir-local-")
+    root = path.rstrip("/")
+    for src in match(join(root, "**")):
+        copy_to_local(src, os.path.join(local, src[len(root) + 1:]))
+    return local

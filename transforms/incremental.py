@@ -18,6 +18,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from index_builder.manifests import FeaturesManifest
 from transforms import features_io
 from transforms.records import FeatureRow, ImageMeta, ImageRecord
 
@@ -95,15 +96,15 @@ class ReuseFeatures(beam.PTransform):
         return split.new, reused
 
 
-def reusable(previous_manifest: dict[str, Any], fingerprint: str, feature_dtype: str, precision: str,
+def reusable(previous: FeaturesManifest, fingerprint: str, feature_dtype: str, precision: str,
              reduced_decode: bool = True) -> str | None:
     """None when the previous run's features can be reused, else the reason they cannot."""
-    if previous_manifest.get("model", {}).get("reduced_decode", True) != reduced_decode:
+    if previous.reduced_decode != reduced_decode:
         return "the previous run decoded JPEG differently (--full-decode)"
-    if previous_manifest.get("model_fingerprint") != fingerprint:
-        return (f"model fingerprint {previous_manifest.get('model_fingerprint')} differs from {fingerprint}")
-    if previous_manifest.get("feature_dtype", "float32") != feature_dtype:
-        return f"feature dtype {previous_manifest.get('feature_dtype')} differs from {feature_dtype}"
-    if previous_manifest.get("precision", "float32") != precision:
-        return f"precision {previous_manifest.get('precision')} differs from {precision}"
+    if previous.model_fingerprint != fingerprint:
+        return f"model fingerprint {previous.model_fingerprint} differs from {fingerprint}"
+    if previous.feature_dtype != feature_dtype:
+        return f"feature dtype {previous.feature_dtype} differs from {feature_dtype}"
+    if previous.precision != precision:
+        return f"precision {previous.precision} differs from {precision}"
     return None

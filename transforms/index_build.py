@@ -82,8 +82,16 @@ def table_to_instances(table) -> tuple[list[dict[str, Any]], list[str]]:
     return out, bad
 
 
+NON_FINITE_TAG = "non_finite"
+
+
 class ToInstancesFn(beam.DoFn):
-    """Feature tables → instance dicts, counting (and logging) rows left out."""
+    """Feature tables → instance dicts; ids of rows left out go to :data:`NON_FINITE_TAG`.
+
+    The left-out ids travel to their shard (:class:`KeyByShardFn`) so that each shard's
+    SHARD.json accounts for them: items in = items indexed + duplicates + non-finite,
+    checked per build without trusting a counter.
+    """
 
     def __init__(self):
         self._rows = Metrics.counter("cbir_index", "rows_read")
@@ -94,8 +102,15 @@ class ToInstancesFn(beam.DoFn):
         if bad:
             log.warning("%d feature rows with non-finite values left out of the index, e.g. %s", len(bad), bad[:3])
             self._skipped.inc(len(bad))
-        self._rows.inc(len(rows))
+            for image_id in bad:
+                yield beam.pvalue.TaggedOutput(NON_FINITE_TAG, image_id)
+        self._rows.inc(len(rows) + len(bad))
         yield from rows
+
+
+def key_skipped(image_id: str, num_shards: int) -> tuple[int, dict[str, Any]]:
+    """A left-out row as a marker for its shard's build (same hash as the rows it would have joined)."""
+    return layout.stable_shard(image_id, num_shards), {"skipped": "non_finite", "image_id": image_id}
 
 
 def _decode(value: Any) -> str:
@@ -145,12 +160,19 @@ class BuildShardFn(beam.DoFn):
         self._seconds = Metrics.distribution("cbir_index", "shard_build_ms")
 
     def process(self, keyed: tuple[int, Any]):
-        shard, rows = keyed
-        rows = [r for r in rows if r is not None]  # None marks a shard that must exist even if empty
+        shard, elements = keyed
+        rows, non_finite = [], 0
+        for r in elements:
+            if r is None:  # marks a shard that must exist even if empty
+                continue
+            if "skipped" in r:  # a row left out before the transform, accounted for here
+                non_finite += 1
+                continue
+            rows.append(r)
         items = ShardItems.from_rows(rows, self._dim)
         local = tempfile.mkdtemp(prefix=f"cbir-shard-{shard:05d}-")
         try:
-            info = build_shard(items, shard, local, self._planes, self._params)
+            info = build_shard(items, shard, local, self._planes, self._params, non_finite_skipped=non_finite)
             dest = attempt_dir(self._staging, shard, uuid.uuid4().hex[:12])
             names = sorted(n for n in os.listdir(local) if n != layout.SHARD_INFO) + [layout.SHARD_INFO]
             for name in names:  # SHARD.json last: its presence means the attempt is whole

@@ -39,7 +39,7 @@ class FeatureRow(NamedTuple):
 
 
 def failure(image_id: str, uri: str, stage: str, exc: BaseException | str, message: str | None = None) -> dict:
-    """A failure row as DESIGN.md defines it: stage, exception class, message."""
+    """A failure row as ARCHITECTURE.md defines it: stage, exception class, message."""
     if isinstance(exc, BaseException):
         error, msg = type(exc).__name__, message or str(exc)
     else:

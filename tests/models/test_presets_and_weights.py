@@ -31,9 +31,11 @@ def test_cli_extract_without_weights_fails_before_any_work(tmp_path, monkeypatch
     monkeypatch.setenv("CBIR_WEIGHTS_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     monkeypatch.setenv("CBIR_OFFLINE", "1")
-    with pytest.raises(WeightsNotFoundError, match="inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"):
-        main(["extract", "--input", str(flowers / "0"), "--output", str(tmp_path / "out")])
-    assert not (tmp_path / "out" / "MANIFEST.json").exists()
+    assert main(["extract", "--input", str(flowers / "0"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5" in err and "--weights-dir" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # stopped before any work: not even a staging folder
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

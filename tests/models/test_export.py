@@ -82,19 +82,19 @@ def test_layout_is_what_tensorflow_model_server_serves(exported, mobilenet_spec,
     assert (v1 / "variables" / "variables.index").is_file()
     assert any(n.startswith("variables.data-") for n in os.listdir(v1 / "variables"))
     info = json.loads((v1 / "assets.extra" / export.EXPORT_INFO_FILE).read_text())
-    assert info == export.read_export_info(str(v1)) == result.info
+    assert info == export.read_export_info(str(v1)).to_dict() == result.info.to_dict()
     assert info["model_fingerprint"] == mobilenet_spec.fingerprint()
     assert info["model"] == mobilenet_spec.describe()
     assert (info["input_size"], info["dimension"], info["preprocessing"]) == (224, 256, "tf")
     assert info["decode"]["reduced_jpeg_decode"] is True and info["decode"]["max_pixels"] > 0
     manifest = flowers_index[1]
-    assert info["index"]["version"] == manifest["version"]
-    assert info["index"]["dimension"] == manifest["dimension"]["output"]
+    assert info["index"]["version"] == manifest.version
+    assert info["index"]["dimension"] == manifest.dimension.output
 
 
 def test_signatures_dtypes_and_shapes(exported, flowers_index):
     _, result, loaded = exported
-    dim_out = flowers_index[1]["dimension"]["output"]
+    dim_out = flowers_index[1].dimension.output
     expected = {
         export.BYTES_SIGNATURE: ({"images": (tf.string, [None])},
                                  {"features": (tf.float32, [None, 256]), "model_fingerprint": (tf.string, [None])}),
@@ -112,7 +112,7 @@ def test_signatures_dtypes_and_shapes(exported, flowers_index):
         _, kwargs = fn.structured_input_signature
         assert {k: (v.dtype, v.shape.as_list()) for k, v in kwargs.items()} == inputs, name
         assert {k: (v.dtype, v.shape.as_list()) for k, v in fn.structured_outputs.items()} == outputs, name
-        recorded = result.info["signatures"][name]
+        recorded = result.info.signatures[name]
         assert {k: v["shape"] for k, v in recorded["inputs"].items()} == {k: s for k, (_, s) in inputs.items()}
 
 
@@ -166,7 +166,7 @@ def test_bytes_signature_matches_the_written_feature_rows(exported, flowers_feat
     """Against the Parquet rows cbir extract wrote for the same files."""
     _, _, loaded = exported
     out_dir, manifest = flowers_features
-    from pipelines.extract import feature_files
+    from transforms.feature_sets import feature_files
 
     table = pq.read_table(feature_files(str(out_dir), manifest)[0], columns=["uri", "feature"])
     uris = table.column("uri").to_pylist()[:10]
@@ -177,38 +177,39 @@ def test_bytes_signature_matches_the_written_feature_rows(exported, flowers_feat
 
 
 def test_transformed_signature_is_the_query_path(exported, flowers_index, weights_dir, photos):
+    from index_builder.vector_space import transform_fingerprint
     from serving.embedder import open_embedder
-    from serving.searcher import transform_fingerprint
 
     _, _, loaded = exported
     manifest = flowers_index[1]
-    embedder = open_embedder(os.path.join(str(flowers_index[0]), manifest["version"]), manifest, weights_dir)
+    embedder = open_embedder(os.path.join(str(flowers_index[0]), manifest.version), manifest, weights_dir)
     blobs = _read(photos)
     local, ok, failures = embedder.embed_bytes(blobs)
     assert not failures and len(ok) == len(blobs)
     out = loaded.signatures["transformed"](images=tf.constant(blobs))
     served = out["features"].numpy()
-    assert served.shape == local.shape == (len(blobs), manifest["dimension"]["output"])
+    assert served.shape == local.shape == (len(blobs), manifest.dimension.output)
     np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-5)
     assert _cosine(served, local).min() >= MIN_COSINE
-    assert set(out["index_version"].numpy()) == {manifest["version"].encode()}
+    assert set(out["index_version"].numpy()) == {manifest.version.encode()}
     assert set(out["transform_fingerprint"].numpy()) == {transform_fingerprint(manifest).encode()}
 
 
 def test_extract_through_the_exported_pixels_signature(exported, flowers, flowers_features, tmp_path):
     """cbir extract --model savedmodel:DIR/1 --signature pixels gives the preset's features."""
     from pipelines import extract
+    from transforms.feature_sets import feature_files
 
     _, result, _ = exported
     spec = ModelSpec("savedmodel:" + result.path, signature="pixels", input_size=224)
     out = tmp_path / "via_savedmodel"
     pattern = flowers / "3" / "image_024*.jpg"
     manifest = extract.run(extract.ExtractConfig(input=str(pattern), output=str(out), model=spec))
-    assert manifest["counts"]["failed"] == 0 and manifest["counts"]["ok"] == len(list(flowers.glob("3/image_024*.jpg")))
-    assert manifest["model"]["preset"] == "savedmodel" and manifest["dimension"] == 256
+    assert manifest.counts.failed == 0 and manifest.counts.ok == len(list(flowers.glob("3/image_024*.jpg")))
+    assert manifest.model["preset"] == "savedmodel" and manifest.dimension == 256
 
     def by_uri(out_dir, m):
-        t = pq.read_table(extract.feature_files(str(out_dir), m), columns=["uri", "feature"])
+        t = pq.read_table(feature_files(str(out_dir), m), columns=["uri", "feature"])
         return dict(zip(t.column("uri").to_pylist(), np.asarray(t.column("feature").to_pylist()), strict=True))
 
     ours = by_uri(out, manifest)
@@ -218,11 +219,14 @@ def test_extract_through_the_exported_pixels_signature(exported, flowers, flower
         np.testing.assert_allclose(vec, preset[uri], rtol=0, atol=PIXEL_ATOL)
 
     # an index built from these features accepts vectors served by the same export
-    from serving.client import accepted_model_fingerprints
+    from types import SimpleNamespace
 
-    accepted = accepted_model_fingerprints({"model_fingerprint": manifest["model_fingerprint"],
-                                            "model": manifest["model"]})
-    assert accepted == {manifest["model_fingerprint"], result.info["model_fingerprint"]}
+    from serving.client import _export_card
+    from serving.compatibility import accepted_served_fingerprints
+
+    index_like = SimpleNamespace(model=manifest.model, model_fingerprint=manifest.model_fingerprint)
+    accepted = accepted_served_fingerprints(index_like, _export_card(index_like))
+    assert accepted == {manifest.model_fingerprint, result.info.model_fingerprint}
 
 
 # -- the in-graph decoder against Pillow's ----------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 
 from pipelines.query import run_query
 from serving.embedder import open_embedder
+from serving.methods import SearchOptions
 from serving.metrics import label_precision_at_k
 from serving.searcher import Searcher
 
@@ -51,7 +52,7 @@ def test_precision_at_10_needs_real_weights(searcher):
 def test_query_json_lines_and_sheet(flowers_index, flowers, weights_dir, tmp_path):
     images = [str(flowers / "0" / "image_0001.jpg"), str(flowers / "5" / "image_0401.jpg")]
     sheet = tmp_path / "sheet.png"
-    rows, failures, timings = run_query(str(flowers_index[0]), images, k=5, weights_dir=weights_dir,
+    rows, failures, timings = run_query(str(flowers_index[0]), images, SearchOptions(k=5), weights_dir=weights_dir,
                                         sheet=str(sheet))
     assert not failures and len(rows) == 2
     for row, image in zip(rows, images, strict=True):
@@ -66,9 +67,9 @@ def test_query_json_lines_and_sheet(flowers_index, flowers, weights_dir, tmp_pat
 
 def test_index_layout_and_id_map(flowers_index):
     out, manifest = flowers_index
-    version = out / manifest["version"]
-    assert json.loads((out / "LATEST").read_text())["version"] == manifest["version"]
-    assert manifest["items"] == 720 and manifest["shards"] == 2
+    version = out / manifest.version
+    assert json.loads((out / "LATEST").read_text())["version"] == manifest.version
+    assert manifest.items == 720 and manifest.shards == 2
     idmaps = [pq.read_table(version / f"shards/shard-{s:05d}/idmap.parquet") for s in range(2)]
     ids = pa.concat_tables(idmaps).column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 720

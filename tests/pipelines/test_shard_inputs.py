@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from pipelines import shard
+from pipelines import shard_inputs as shard
 from pipelines.cli import build_parser, main
 
 
@@ -91,8 +91,8 @@ def test_wds_shards_in_webdataset_layout(tree, tmp_path):
     manifest = shard.run(shard.ShardConfig(str(tree), str(out), "wds", shard_size_mb=0.2))
     expected = _expected(tree)
     samples = []
-    for s in manifest["shards"]:
-        with tarfile.open(out / s["name"]) as tar:
+    for s in manifest.shards:
+        with tarfile.open(out / s.name) as tar:
             members = tar.getmembers()
             assert all(m.mtime == 0 and m.uid == 0 and m.uname == "" and m.mode == 0o644 for m in members)
             names = [m.name for m in members]
@@ -110,9 +110,9 @@ def test_runs_are_deterministic(tree, tmp_path):
     for fmt in ("tfrecord", "wds"):
         a = shard.run(shard.ShardConfig(str(tree), str(tmp_path / f"{fmt}-a"), fmt, shard_size_mb=0.2))
         b = shard.run(shard.ShardConfig(str(tree), str(tmp_path / f"{fmt}-b"), fmt, shard_size_mb=0.2))
-        assert a["run_id"] != b["run_id"]
+        assert a.run_id != b.run_id
         assert _digests(tmp_path / f"{fmt}-a") == _digests(tmp_path / f"{fmt}-b") != {}
-        assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+        assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
 
 
 def test_rerun_replaces_stale_shards_and_keeps_other_files(tree, tmp_path):
@@ -120,7 +120,7 @@ def test_rerun_replaces_stale_shards_and_keeps_other_files(tree, tmp_path):
     first = shard.run(shard.ShardConfig(str(tree), str(out), "tfrecord", shard_size_mb=0.1))
     (out / "notes.md").write_text("mine")
     second = shard.run(shard.ShardConfig(str(tree), str(out), "wds", shard_size_mb=100))
-    assert len(first["shards"]) > 1 and len(second["shards"]) == 1
+    assert len(first.shards) > 1 and len(second.shards) == 1
     assert sorted(p.name for p in out.iterdir()) == [shard.MANIFEST, "notes.md", "shard-00000-of-00001.tar"]
 
 

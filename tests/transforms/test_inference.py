@@ -20,6 +20,9 @@ from transforms.inference import BatchingOptions
 MIN_COSINE = {"float16": 0.999, "bfloat16": 0.97}
 
 
+pytestmark = pytest.mark.slow  # every test here runs cbir extract
+
+
 def _table(out) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in sorted((out / "features").glob("part-*.parquet"))])
 
@@ -67,10 +70,10 @@ def test_batches_are_bounded_and_metrics_visible(tmp_path, flowers, mobilenet_sp
         batching=BatchingOptions(min_batch_size=2, max_batch_size=5),
     )
     manifest = extract.run(cfg)
-    sizes = manifest["metrics"]["inference_request_batch_size"]
+    sizes = manifest.metrics["inference_request_batch_size"]
     assert sizes["max"] <= 5 and sizes["count"] >= 80 / 5
-    assert manifest["metrics"]["num_inferences"] == 80
-    assert manifest["counts"]["ok"] == 80
+    assert manifest.metrics["num_inferences"] == 80
+    assert manifest.counts.ok == 80
 
 
 def _corpus(root, flowers, classes: dict[str, int]) -> None:
@@ -84,17 +87,17 @@ def test_incremental_run_extracts_only_new_images(tmp_path, flowers, mobilenet_s
     corpus = tmp_path / "corpus"
     _corpus(corpus, flowers, {"3": 20, "4": 20})
     night1 = extract.run(extract.ExtractConfig(input=str(corpus), output=str(tmp_path / "n1"), model=mobilenet_spec))
-    assert night1["counts"]["ok"] == 40
+    assert night1.counts.ok == 40
     _corpus(corpus, flowers, {"6": 2})  # 5% new images
     deleted = "3/" + sorted(os.listdir(corpus / "3"))[0]
     (corpus / deleted).unlink()  # and one deleted
     night2 = extract.run(extract.ExtractConfig(
         input=str(corpus), output=str(tmp_path / "n2"), model=mobilenet_spec, previous=str(tmp_path / "n1"),
     ))
-    assert night2["metrics"]["reused"] == 39
-    assert night2["metrics"]["to_extract"] == 2
-    assert night2["metrics"]["num_inferences"] == 2
-    assert night2["counts"] == {"read": 41, "ok": 41, "failed": 0}
+    assert night2.metrics["reused"] == 39
+    assert night2.metrics["to_extract"] == 2
+    assert night2.metrics["num_inferences"] == 2
+    assert (night2.counts.inputs, night2.counts.read, night2.counts.ok, night2.counts.failed) == (41, 41, 41, 0)
     old, new = _by_id(_table(tmp_path / "n1")), _by_id(_table(tmp_path / "n2"))
     added = {f"6/{p.name}" for p in (corpus / "6").iterdir()}
     assert set(new) == (set(old) - {deleted}) | added
@@ -116,8 +119,8 @@ def test_previous_run_with_another_model_is_not_reused(tmp_path, flowers, mobile
                                       feature_dtype="float16"))
     second = extract.run(extract.ExtractConfig(input=str(flowers / "5"), output=str(tmp_path / "second"),
                                                model=mobilenet_spec, previous=str(first)))
-    assert "reused" not in second["metrics"]
-    assert second["metrics"]["num_inferences"] == 80
+    assert "reused" not in second.metrics
+    assert second.metrics["num_inferences"] == 80
 
 
 def test_float16_storage_halves_the_vectors(tmp_path, flowers, mobilenet_spec, flowers_features):
@@ -126,7 +129,7 @@ def test_float16_storage_halves_the_vectors(tmp_path, flowers, mobilenet_spec, f
                                           feature_dtype="float16"))
     table = _table(out)
     assert table.schema.field("feature").type == pa.list_(pa.float16(), 256)
-    assert m["feature_dtype"] == "float16"
+    assert m.feature_dtype == "float16"
     ref = _by_id(_table(flowers_features[0]))
     got = _by_id(table)
     diffs = [np.max(np.abs(got[i] - ref["7/" + i]) / (np.abs(ref["7/" + i]).max())) for i in got]
@@ -155,7 +158,7 @@ def test_savedmodel_extracts_like_the_preset(tmp_path, flowers, mobilenet_spec, 
     spec = ModelSpec(f"savedmodel:{path}", input_size=224)
     out = tmp_path / "out"
     manifest = extract.run(extract.ExtractConfig(input=str(flowers / "8"), output=str(out), model=spec))
-    assert manifest["dimension"] == 256 and manifest["model"]["preset"] == "savedmodel"
+    assert manifest.dimension == 256 and manifest.model["preset"] == "savedmodel"
     ref = _by_id(_table(flowers_features[0]))
     got = _by_id(_table(out))
     assert len(got) == 80

@@ -14,7 +14,7 @@ def test_projector_export_matches_the_index(flowers_index, tmp_path):
     out = tmp_path / "projector"
     assert main(["projector", "--index", str(flowers_index[0]), "--output", str(out), "--limit", "50"]) == 0
     vectors = np.loadtxt(out / "vectors.tsv", delimiter="\t")
-    assert vectors.shape == (50, flowers_index[1]["dimension"]["output"])
+    assert vectors.shape == (50, flowers_index[1].dimension.output)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
     lines = (out / "metadata.tsv").read_text().splitlines()
     assert lines[0] == "image_id\tlabel\turi" and len(lines) == 51

@@ -1,4 +1,7 @@
-"""``cbir shard``: pack a folder of images into TFRecord or WebDataset shards.
+"""``cbir shard``: pack a folder of images into TFRecord or WebDataset *input* shards.
+
+(Input shards are packs of images for readers; index shards are partitions of an
+index, built by ``cbir index``: the module names say which.)
 
 For users whose cluster prefers a few thousand large files to millions of small
 ones. The output reads back with ``cbir extract --input tfrecord:OUT`` (or
@@ -30,7 +33,6 @@ import posixpath
 import re
 import tarfile
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -39,10 +41,12 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from index_builder.manifests import PackedShard, ShardsCounts, ShardsManifest, new_run_id, utc_now
 from pipelines.runner import pipeline_options
 from transforms import fsutil
-from transforms.shard_readers import encode_example, write_tfrecord
-from transforms.sources import IMAGE_EXTENSIONS, is_visible, label_from_id, relative_id
+from transforms import publish as protocol
+from transforms.readers.common import IMAGE_EXTENSIONS, is_visible, label_from_id, relative_id
+from transforms.readers.tfrecord import encode_example, write_tfrecord
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +212,7 @@ class _WriteShardFn(beam.DoFn):
         yield plan.name
 
 
-def run(cfg: ShardConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
+def run(cfg: ShardConfig, beam_args: list[str] | None = None) -> ShardsManifest:
     """Lists, plans, writes and publishes the shards; returns the manifest."""
     if cfg.format not in SHARD_FORMATS:
         raise ValueError(f"--format must be one of {', '.join(SHARD_FORMATS)}")
@@ -220,8 +224,8 @@ def run(cfg: ShardConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
     if not items:
         raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root!r}")
     plans = plan_shards(items, cfg.format, cfg.shard_size_mb)
-    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    staging = fsutil.join(cfg.output, "_staging", run_id)
+    run_id = new_run_id()
+    staging = protocol.staging_dir(cfg.output, run_id)
     log.info("shard %s -> %s: %d images in %d %s shard(s), %d other files skipped (run %s)",
              root, cfg.output, len(items), len(plans), cfg.format, len(skipped), run_id)
     p = beam.Pipeline(options=pipeline_options(beam_args))
@@ -231,44 +235,49 @@ def run(cfg: ShardConfig, beam_args: list[str] | None = None) -> dict[str, Any]:
         | "Spread" >> beam.Reshuffle()
         | "WriteShards" >> beam.ParDo(_WriteShardFn(cfg.format, staging))
     )
-    p.run().wait_until_finish()
-    return publish(cfg, root, run_id, staging, plans, skipped, time.time() - started)
+    try:
+        p.run().wait_until_finish()
+        return publish(cfg, root, run_id, staging, plans, skipped, time.time() - started)
+    except BaseException:
+        protocol.discard_staging(staging)
+        raise
 
 
 def publish(cfg: ShardConfig, root: str, run_id: str, staging: str, plans: list[ShardPlan],
-            skipped: list[str], elapsed: float) -> dict[str, Any]:
+            skipped: list[str], elapsed: float) -> ShardsManifest:
+    """Checks that every listed image was written or reported unreadable, then commits ``_SHARDS.json``."""
     shards, unreadable = [], []
+    missing = [plan.name for plan in plans if not fsutil.exists(fsutil.join(staging, plan.name + ".summary.json"))]
+    if missing:
+        raise protocol.PublishRefusedError("shard", {"shards planned": len(plans),
+                                                     "shards written": len(plans) - len(missing)},
+                                           f"not written: {missing[:3]}")
     for plan in plans:
         summary = fsutil.read_json(fsutil.join(staging, plan.name + ".summary.json"))
         unreadable += summary.pop("unreadable")
-        shards.append(summary)
-    fsutil.move([fsutil.join(staging, s["name"]) for s in shards],
-                [fsutil.join(cfg.output, s["name"]) for s in shards])
-    previous = _previous_shards(cfg.output)
-    images = sum(s["images"] for s in shards)
-    manifest = {
-        "kind": "shards",
-        "format": cfg.format,
-        "run_id": run_id,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "input": root,
-        "input_spec": f"{cfg.format}:{cfg.output.rstrip('/')}",
-        "shard_size_mb": cfg.shard_size_mb,
-        "counts": {"listed": images + len(unreadable), "written": images, "unreadable": len(unreadable),
-                   "skipped_not_image": len(skipped)},
-        "bytes": sum(s["bytes"] for s in shards),
-        "elapsed_seconds": round(elapsed, 3),
-        "shards": shards,
-        "unreadable": unreadable,
-        "skipped": skipped[:1000],
-    }
-    fsutil.write_json_atomic(fsutil.join(cfg.output, MANIFEST), manifest)  # the commit point
-    keep = {s["name"] for s in shards}
-    fsutil.delete_quietly([fsutil.join(cfg.output, n) for n in previous if n not in keep])
-    fsutil.delete_tree(staging)
-    parent = staging.rstrip("/").rsplit("/", 1)[0]
-    if not fsutil.match(fsutil.join(parent, "**")):  # no other run is staging here
-        fsutil.delete_tree(parent)
+        shards.append(PackedShard(**summary))
+    listed = sum(len(plan.items) for plan in plans)
+    images = sum(s.images for s in shards)
+    protocol.check_counts("shard", {"images listed": listed, "written + unreadable": images + len(unreadable)})
+    manifest = ShardsManifest(
+        format=cfg.format,
+        run_id=run_id,
+        created_utc=utc_now(),
+        input=root,
+        input_spec=f"{cfg.format}:{cfg.output.rstrip('/')}",
+        shard_size_mb=cfg.shard_size_mb,
+        counts=ShardsCounts(listed=listed, written=images, unreadable=len(unreadable),
+                            skipped_not_image=len(skipped)),
+        bytes=sum(s.bytes for s in shards),
+        elapsed_seconds=round(elapsed, 3),
+        shards=shards,
+        unreadable=unreadable,
+        skipped=skipped[:1000],
+    )
+    keep = {s.name for s in shards}
+    stale = [n for n in _previous_shards(cfg.output) if n not in keep]
+    moves = [(fsutil.join(staging, s.name), fsutil.join(cfg.output, s.name)) for s in shards]
+    protocol.commit(cfg.output, manifest, moves, staging, stale=stale, manifest_name=MANIFEST)
     return manifest
 
 
@@ -282,37 +291,34 @@ def _previous_shards(output: str) -> list[str]:
     if not fsutil.exists(path):
         return []
     try:
-        names = [s["name"] for s in fsutil.read_json(path).get("shards", [])]
+        names = [s.name for s in protocol.read_manifest(path, ShardsManifest).shards]
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring unreadable %s: %s", path, exc)
         return []
     return [n for n in names if isinstance(n, str) and _SHARD_NAME.match(n)]
 
 
-def print_summary(m: dict[str, Any]) -> None:
-    c = m["counts"]
-    print(f"shard: {c['written']} images in {len(m['shards'])} {m['format']} shard(s), {m['bytes'] / 1e6:.1f} MB, "
-          f"{m['elapsed_seconds']:.1f}s; skipped {c['skipped_not_image']} non-image file(s), "
-          f"{c['unreadable']} unreadable")
-    for u in m["unreadable"][:10]:
+def print_summary(m: ShardsManifest) -> None:
+    c = m.counts
+    print(f"shard: {c.written} images in {len(m.shards)} {m.format} shard(s), {m.bytes / 1e6:.1f} MB, "
+          f"{m.elapsed_seconds:.1f}s; skipped {c.skipped_not_image} non-image file(s), {c.unreadable} unreadable")
+    for u in m.unreadable[:10]:
         print(f"  unreadable  {u['image_id']}  {u['error']}: {u['message']}")
-    print(f"read them with: cbir extract --input {m['input_spec']} --output DIR")
+    print(f"read them with: cbir extract --input {m.input_spec} --output DIR")
 
 
-def _run(args: argparse.Namespace, beam_args: list[str]) -> int:
+def main(args: argparse.Namespace, beam_args: list[str]) -> int:
     cfg = ShardConfig(input=args.input, output=args.output, format=args.format, shard_size_mb=args.shard_size_mb)
     manifest = run(cfg, beam_args)
     print_summary(manifest)
-    return 3 if manifest["counts"]["unreadable"] else 0
+    return 3 if manifest.counts.unreadable else 0
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Adds ``cbir shard`` to the CLI (picked up by pipelines.cli.PLUGIN_COMMANDS)."""
+def register(subparsers: Any) -> None:
     sp = subparsers.add_parser("shard", help="folder of images → TFRecord or WebDataset shards")
     sp.add_argument("--input", required=True, help="folder of images (labels are the parent folder names)")
     sp.add_argument("--output", required=True, help="folder for shard-NNNNN-of-NNNNN.{tfrecord,tar} + _SHARDS.json")
     sp.add_argument("--format", choices=sorted(SHARD_FORMATS), default="tfrecord")
     sp.add_argument("--shard-size-mb", type=float, default=DEFAULT_SHARD_SIZE_MB,
                     help=f"target shard size in MiB (default {DEFAULT_SHARD_SIZE_MB:g})")
-    sp.set_defaults(run=_run, beam=True)
-    return sp
+    sp.set_defaults(handler=main, beam=True)

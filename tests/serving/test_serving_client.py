@@ -48,7 +48,9 @@ from serving.client import (
     check_prediction,
     make_client,
 )
-from serving.embedder import ModelMismatchError, open_embedder
+from serving.compatibility import ModelMismatchError
+from serving.embedder import open_embedder
+from serving.methods import SearchOptions
 
 MODEL = "cbir"
 MIN_COSINE = 0.999  # served (in-graph decode) vs local (Pillow decode): see tests/test_export.py
@@ -265,7 +267,7 @@ def address(request, grpc_address, rest_address):
 @pytest.fixture(scope="module")
 def index_version(flowers_index):
     manifest = flowers_index[1]
-    return os.path.join(str(flowers_index[0]), manifest["version"]), manifest
+    return os.path.join(str(flowers_index[0]), manifest.version), manifest
 
 
 @pytest.fixture(scope="module")
@@ -363,17 +365,17 @@ def test_vectors_of_another_model_or_index_are_refused(address, index_version, q
     protocol, addr = address
     version_dir, manifest = index_version
     other_model = copy.deepcopy(manifest)
-    other_model["model_fingerprint"] = "00000000deadbeef"
+    other_model.model_fingerprint = "00000000deadbeef"
     embedder = ServingEmbedder(version_dir, other_model, make_client(addr, protocol, MODEL))
     with pytest.raises(ModelMismatchError, match="00000000deadbeef"):
         embedder.embed_files(queries[:2])
     embedder.close()
 
     other_transform = copy.deepcopy(manifest)
-    some_file = next(k for k in other_transform["files"] if k.startswith("transform_fn/"))
-    other_transform["files"][some_file]["sha256"] = "0" * 64  # as if the index had been rebuilt
+    some_file = next(k for k in other_transform.files if k.startswith("transform_fn/"))
+    other_transform.files[some_file].sha256 = "0" * 64  # as if the index had been rebuilt
     transformed = ServingEmbedder(version_dir, other_transform, make_client(addr, protocol, MODEL, "transformed"))
-    with pytest.raises(ModelMismatchError, match=manifest["version"]):
+    with pytest.raises(ModelMismatchError, match=manifest.version):
         transformed.embed_files(queries[:2])
     transformed.close()
 
@@ -419,7 +421,7 @@ def _json_lines(text: str) -> list[dict]:
 def test_cbir_query_through_serving_matches_the_local_query(address, flowers_index, flowers, weights_dir, capsys):
     protocol, addr = address
     images = [str(flowers / "0" / "image_0001.jpg"), str(flowers / "5" / "image_0401.jpg")]
-    local_rows, _, _ = run_query(str(flowers_index[0]), images, k=5, weights_dir=weights_dir)
+    local_rows, _, _ = run_query(str(flowers_index[0]), images, SearchOptions(k=5), weights_dir=weights_dir)
     for signature in ("serving_default", "transformed"):
         code = cli.main(["query", "--index", str(flowers_index[0]), "-k", "5", "--json", "--serving", addr,
                          "--serving-protocol", protocol, "--serving-signature", signature, *images])

@@ -13,6 +13,7 @@ import pytest
 from index_builder import layout
 from pipelines import cli
 from pipelines.neighbors import NeighborsConfig, read_neighbors, run
+from serving.methods import SearchOptions
 from serving.neighbors import SCHEMA, NeighborOptions, chunks
 from serving.searcher import Searcher
 
@@ -55,8 +56,8 @@ def small_index(tmp_path_factory, flowers, mobilenet_spec):
 def test_neighbor_table_never_holds_the_item_and_marks_duplicates(small_index, tmp_path, capsys):
     root, index_manifest = small_index
     out = tmp_path / "neighbors"
-    m = run(NeighborsConfig(index=str(root / "index"), output=str(out), options=NeighborOptions(k=5),
-                            chunk_size=3))
+    opts = NeighborOptions(SearchOptions(k=5, rerank=True, batch_size=256))
+    m = run(NeighborsConfig(index=str(root / "index"), output=str(out), options=opts, chunk_size=3))
     table = read_neighbors(str(out))
     assert table.schema.equals(SCHEMA)
     rows = {r["image_id"]: r for r in table.to_pylist()}
@@ -76,15 +77,15 @@ def test_neighbor_table_never_holds_the_item_and_marks_duplicates(small_index, t
         if image_id not in (ORIGINAL, COPY):
             assert not any(r["duplicate"]) and r["duplicate_ids"] == [] and r["duplicate_count"] == 0
     digests = {}
-    for s in range(index_manifest["shards"]):
-        idmap = pq.read_table(root / "index" / index_manifest["version"] / layout.shard_dir(s) / layout.IDMAP_FILE)
+    for s in range(index_manifest.shards):
+        idmap = pq.read_table(root / "index" / index_manifest.version / layout.shard_dir(s) / layout.IDMAP_FILE)
         digests.update(zip(idmap.column("image_id").to_pylist(), idmap.column("sha256").to_pylist(), strict=True))
     assert digests[ORIGINAL] == digests[COPY] == hashlib.sha256((root / "corpus" / COPY).read_bytes()).hexdigest()
     # the manifest is the commit record
-    assert m["kind"] == "neighbors" and m["counts"] == {"rows": 17, "rows_with_duplicates": 2}
-    assert m["index"]["version"] == index_manifest["version"] and m["options"]["k"] == 5
-    assert json.loads((out / "MANIFEST.json").read_text()) == m
-    assert sum(f["rows"] for f in m["files"]) == 17
+    assert m.KIND == "neighbors" and (m.counts.rows, m.counts.rows_with_duplicates) == (17, 2)
+    assert m.index.version == index_manifest.version and m.options["k"] == 5
+    assert json.loads((out / "MANIFEST.json").read_text()) == m.to_dict()
+    assert sum(f.rows for f in m.files) == 17
     first_parts = sorted(p.name for p in (out / "neighbors").iterdir())
 
     # a second run, from the command line with a Beam option passed through, with k beyond the corpus:
@@ -93,7 +94,7 @@ def test_neighbor_table_never_holds_the_item_and_marks_duplicates(small_index, t
                      "--method", "exact", "--no-rerank", "--chunk-size", "100", "--direct_num_workers", "1"]) == 0
     assert "neighbors: 17 rows (k=50, exact)" in capsys.readouterr().out
     m2 = json.loads((out / "MANIFEST.json").read_text())
-    assert m2["options"]["k"] == 50 and m2["run_id"] != m["run_id"]
+    assert m2["options"]["k"] == 50 and m2["run_id"] != m.run_id
     table = read_neighbors(str(out))
     assert table.num_rows == 17
     for r in table.to_pylist():
@@ -101,12 +102,12 @@ def test_neighbor_table_never_holds_the_item_and_marks_duplicates(small_index, t
     parts = sorted(p.name for p in (out / "neighbors").iterdir())
     assert parts == sorted(f["path"].split("/")[-1] for f in m2["files"])
     assert not set(parts) & set(first_parts)
-    assert not list((out / "_staging").iterdir())
+    assert not (out / "_staging").exists()
 
 
 def test_empty_shards_are_searched_around(small_index):
     root, manifest = small_index
-    assert 0 in manifest["items_per_shard"]
+    assert 0 in manifest.items_per_shard
     with Searcher(str(root / "index")) as s:
         assert any(sh.size == 0 for sh in s.shards) and s.size == 17
         vectors = s.all_vectors()
@@ -135,10 +136,11 @@ def test_bad_requests_are_refused(small_index, tmp_path):
         run(NeighborsConfig(index=str(root / "index"), output=str(root / "index")))
     with pytest.raises(FileNotFoundError, match="LATEST"):
         run(NeighborsConfig(index=str(tmp_path), output=str(tmp_path / "out")))
-    with pytest.raises(FileNotFoundError, match="not a complete index version"):
+    with pytest.raises(FileNotFoundError, match="v-none does not exist"):
         run(NeighborsConfig(index=str(root / "index"), output=str(tmp_path / "out"), version="v-none"))
-    with pytest.raises(ValueError, match="-k"):
-        run(NeighborsConfig(index=str(root / "index"), output=str(tmp_path / "out"), options=NeighborOptions(k=0)))
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        run(NeighborsConfig(index=str(root / "index"), output=str(tmp_path / "out"),
+                            options=NeighborOptions(SearchOptions(k=0))))
     assert not (tmp_path / "out").exists()
     args = cli.build_parser().parse_args(["neighbors", "--index", "i", "--output", "o", "-k", "3", "--no-rerank"])
-    assert args.beam and args.k == 3 and args.no_rerank
+    assert args.beam and args.k == 3 and not args.rerank

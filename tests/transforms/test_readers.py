@@ -22,18 +22,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
-from apache_beam.io.filesystem import FileMetadata
 
-from pipelines import extract, shard
+from pipelines import extract
+from pipelines import shard_inputs as shard
+from transforms.readers import InputSpec, ListedFile, ReadImages, RecordTooLargeError, read_limited, write_listing
+from transforms.readers.common import TALLIES_TAG, _AccountFn
+from transforms.readers.parquet import parquet_columns
+from transforms.readers.tfrecord import encode_example, iter_tfrecord_frames
+from transforms.readers.webdataset import _ReadTarShardFn, split_wds_name
 from transforms.records import FAILURES_TAG
-from transforms.shard_readers import (
-    _ReadTarShardFn,
-    encode_example,
-    iter_tfrecord_frames,
-    parquet_columns,
-    split_wds_name,
-)
-from transforms.sources import InputSpec, ReadImages, RecordTooLargeError, _AccountFn, read_limited
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +52,20 @@ def _record_row(r) -> str:
 
 
 def read_spec(spec: str, tmp_path: Path) -> tuple[dict[str, dict], list[dict], dict[str, int]]:
-    """Runs ReadImages alone: ``({image_id: record row}, failure rows, cbir counters)``."""
+    """Runs ReadImages alone: ``({image_id: record row}, failure rows, cbir counters)``.
+
+    Also checks the accounting invariant of shard readers: one tally per listed shard,
+    adding up to the records and failure rows they produced.
+    """
     out = tmp_path / f"collected-{uuid.uuid4().hex[:6]}"
+    parsed = InputSpec.parse(spec)
+    listed = parsed.list()
     p = beam.Pipeline()
-    read = p | ReadImages(InputSpec.parse(spec))
-    read.records | "R" >> beam.Map(_record_row) | "WR" >> beam.io.WriteToText(str(out / "records"))
-    read[FAILURES_TAG] | "F" >> beam.Map(json.dumps) | "WF" >> beam.io.WriteToText(str(out / "failures"))
+    read = p | ReadImages(parsed, write_listing(str(out / "staging"), listed))
+    read["records"] | "R" >> beam.Map(_record_row) | "WR" >> beam.io.WriteToText(str(out / "records"))
+    read["failures"] | "F" >> beam.Map(json.dumps) | "WF" >> beam.io.WriteToText(str(out / "failures"))
+    if "tallies" in read:
+        read["tallies"] | "T" >> beam.Map(json.dumps) | "WT" >> beam.io.WriteToText(str(out / "tallies"))
     result = p.run()
     result.wait_until_finish()
 
@@ -70,6 +75,10 @@ def read_spec(spec: str, tmp_path: Path) -> tuple[dict[str, dict], list[dict], d
     records = lines("records")
     by_id = {r["image_id"]: r for r in records}
     assert len(by_id) == len(records), "duplicate ids"
+    if parsed.is_shards:
+        tallies = lines("tallies")
+        assert sorted(t["unit"] for t in tallies) == sorted(f.path for f in listed)
+        assert sum(t["entries"] for t in tallies) == len(records) + len(lines("failures"))
     counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]
                 if c.key.metric.namespace == "cbir"}
     return by_id, lines("failures"), counters
@@ -269,9 +278,10 @@ def test_oversized_inputs_are_refused_unread(photos, tmp_path):
     small = encode_example(b"x", "unused")  # any short payload will do as the small member
     _tar(tmp_path / "s.tar", [("a.jpg", photos[0][2]), ("a.cls", b"1"), ("b.png", small)])
     out = list(_ReadTarShardFn(str(tmp_path), max_member_bytes=len(small)).process(
-        FileMetadata(str(tmp_path / "s.tar"), (tmp_path / "s.tar").stat().st_size)))
+        ListedFile(str(tmp_path / "s.tar"), (tmp_path / "s.tar").stat().st_size)))
     assert out[0]["image_id"] == "s.tar#a" and out[0]["error"] == "RecordTooLargeError"
     assert out[1].image_id == "s.tar#b" and out[1].data == small
+    assert out[2].tag == TALLIES_TAG and out[2].value == {"unit": str(tmp_path / "s.tar"), "entries": 2}
 
 
 def test_account_logs_progress_with_a_rate(photos, caplog):
@@ -368,6 +378,7 @@ def _rows(out: Path) -> tuple[pa.Table, list[tuple]]:
     return features, sorted((f["image_id"], f["stage"], f["error"]) for f in failures.to_pylist())
 
 
+@pytest.mark.slow
 def test_four_inputs_give_identical_feature_rows(corpus, tmp_path, mobilenet_spec):
     files = sorted(p for p in corpus.rglob("*.jpg"))
     ids = [str(p.relative_to(corpus)) for p in files]
@@ -396,7 +407,8 @@ def test_four_inputs_give_identical_feature_rows(corpus, tmp_path, mobilenet_spe
     for name, spec in specs.items():
         out = tmp_path / f"out-{name}"
         manifest = extract.run(extract.ExtractConfig(input=spec, output=str(out), model=mobilenet_spec))
-        assert manifest["counts"] == {"read": len(files), "ok": len(files) - 2, "failed": 2}, name
+        c = manifest.counts
+        assert (c.inputs, c.read, c.ok, c.failed) == (len(files), len(files), len(files) - 2, 2), name
         results[name] = _rows(out)
 
     base, base_failures = results["folder"]

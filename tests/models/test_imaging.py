@@ -353,6 +353,7 @@ def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
+@pytest.mark.slow
 def test_awkward_folder_loses_nothing(awkward_folder, tmp_path, weights_dir, capsys):
     root, n = awkward_folder
     out = tmp_path / "out"
@@ -361,7 +362,8 @@ def test_awkward_folder_loses_nothing(awkward_folder, tmp_path, weights_dir, cap
     assert code == 0
     manifest = json.loads((out / "MANIFEST.json").read_text())
     total = n["photos"] + n["variants"] + n["broken"]
-    assert manifest["counts"] == {"read": total, "ok": n["photos"] + n["variants"], "failed": n["broken"]}
+    assert manifest["counts"] == {"inputs": total, "read": total, "ok": n["photos"] + n["variants"],
+                                  "failed": n["broken"]}
     assert f"read {total}, ok {total - n['broken']}, failed {n['broken']}" in stdout
     features = pa.concat_tables([pq.read_table(p) for p in (out / "features").glob("*.parquet")])
     failures = pa.concat_tables([pq.read_table(p) for p in (out / "failures").glob("*.parquet")])
@@ -388,6 +390,7 @@ def test_awkward_folder_loses_nothing(awkward_folder, tmp_path, weights_dir, cap
     assert metrics["decoded_reduced_scale"] >= 1  # big.jpg
 
 
+@pytest.mark.slow
 def test_failure_threshold_exits_3_after_writing_outputs(awkward_folder, tmp_path, weights_dir, capsys):
     root, n = awkward_folder
     out = tmp_path / "out"

@@ -6,7 +6,7 @@ import hashlib
 import logging
 
 import apache_beam as beam
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from models.imaging import decode_and_resize
@@ -41,7 +41,7 @@ def test_pool_gives_the_same_rows_and_failures_as_one_thread(flowers):
         expected.append((r.image_id, hashlib.sha256(r.data).hexdigest(), hashlib.sha256(px.tobytes()).hexdigest()))
     assert len(expected) == len(records) - 2
     for threads, window in ((1, 0), (2, 3), (4, 64)):
-        with TestPipeline() as p:
+        with BeamTestPipeline() as p:
             out = (
                 p
                 | beam.Create(records)

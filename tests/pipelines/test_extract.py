@@ -29,10 +29,10 @@ def test_schema_and_manifest_follow_design(flowers_features):
     assert schema.field("feature").type == pa.list_(pa.float32(), 256)
     assert table.num_rows == 720
     on_disk = json.loads((out / "MANIFEST.json").read_text())
-    assert on_disk["counts"] == {"read": 720, "ok": 720, "failed": 0}
+    assert on_disk["counts"] == {"inputs": 720, "read": 720, "ok": 720, "failed": 0}
     assert on_disk["dimension"] == 256 and on_disk["input_size"] == 224
     assert on_disk["model"]["weights_sha256"].startswith("dbdb03ee")
-    assert on_disk["model_fingerprint"] == manifest["model_fingerprint"]
+    assert on_disk["model_fingerprint"] == manifest.model_fingerprint
     assert set(table.column("label").to_pylist()) == {str(i) for i in range(9)}
     ids = table.column("image_id").to_pylist()
     assert len(set(ids)) == 720 and "0/image_0001.jpg" in ids
@@ -58,8 +58,8 @@ def test_rerun_replaces_output_without_duplicates(tmp_path, flowers, mobilenet_s
     cfg = extract.ExtractConfig(input=str(flowers / "1"), output=str(tmp_path), model=mobilenet_spec)
     first = extract.run(cfg)
     second = extract.run(cfg)
-    assert first["run_id"] != second["run_id"]
+    assert first.run_id != second.run_id
     parts = sorted(p.name for p in (tmp_path / "features").glob("part-*.parquet"))
-    assert parts == [f["path"].split("/")[-1] for f in second["files"]["features"]]
+    assert parts == [f.path.split("/")[-1] for f in second.files["features"]]
     assert _read_features(tmp_path).num_rows == 80
     assert not list((tmp_path / "_staging").glob("*"))

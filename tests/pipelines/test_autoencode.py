@@ -8,17 +8,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from models import autoencoder
-from pipelines import autoencode, extract, index
+from pipelines import autoencode, index
 from serving.embedder import open_embedder
 from serving.metrics import label_precision_at_k
 from serving.searcher import Searcher
 from transforms import features_io
+from transforms.feature_sets import feature_files
 
 
 @pytest.fixture(scope="module")
 def flowers_matrix(flowers_features):
     out, manifest = flowers_features
-    tables = [features_io.read_table(p) for p in extract.feature_files(str(out), manifest)]
+    tables = [features_io.read_table(p) for p in feature_files(str(out), manifest)]
     table = pa.concat_tables(tables)
     return features_io.feature_matrix(table), table.column("label").to_pylist()
 
@@ -46,20 +47,20 @@ def test_autoencode_job_rewrites_features_that_index(tmp_path, flowers, flowers_
     out = tmp_path / "codes"
     cfg = autoencoder.AutoencoderConfig(code_dim=16, epochs=5, noise_stddev=0.01)
     m = autoencode.run(str(src), str(out), cfg)
-    assert m["dimension"] == 16 and m["counts"]["ok"] == 720
-    assert m["model"]["encoder"]["kind"] == "denoising_autoencoder"
-    assert m["model_fingerprint"] != source_manifest["model_fingerprint"]
-    table = pa.concat_tables([pq.read_table(p) for p in extract.feature_files(str(out), m)])
+    assert m.dimension == 16 and m.counts.ok == 720
+    assert m.encoder["kind"] == "denoising_autoencoder"
+    assert m.model_fingerprint != source_manifest.model_fingerprint
+    table = pa.concat_tables([pq.read_table(p) for p in feature_files(str(out), m)])
     assert table.schema.field("feature").type == pa.list_(pa.float32(), 16)
     # the Beam job's codes equal the exported encoder applied directly
-    encode = autoencoder.load_encoder(m["model"]["encoder"]["path"])
+    encode = autoencoder.load_encoder(m.encoder["path"])
     x, _ = flowers_matrix
-    ids_src = pa.concat_tables([pq.read_table(p) for p in extract.feature_files(str(src), source_manifest)])
+    ids_src = pa.concat_tables([pq.read_table(p) for p in feature_files(str(src), source_manifest)])
     order = {i: n for n, i in enumerate(ids_src.column("image_id").to_pylist())}
     direct = encode(x)[[order[i] for i in table.column("image_id").to_pylist()]]
     assert np.max(np.abs(features_io.feature_matrix(table) - direct)) < 1e-5
     im = index.run(index.IndexConfig(features=str(out), output=str(tmp_path / "index"), dims=0, trees=5))
-    assert im["items"] == 720 and im["dimension"]["output"] == 16
+    assert im.items == 720 and im.dimension.output == 16
     # the query path applies backbone → encoder → transform, and finds the photo itself
     with Searcher(str(tmp_path / "index")) as searcher:
         embedder = open_embedder(searcher.version_dir, searcher.manifest)

@@ -10,13 +10,9 @@ import pytest
 
 from index_builder import layout
 from models.backbone import ModelSpec
-from serving.embedder import ModelMismatchError
-from serving.searcher import (
-    Searcher,
-    TransformMismatchError,
-    available_versions,
-    normalise_rows,
-)
+from serving.compatibility import ModelMismatchError, TransformMismatchError
+from serving.index_files import available_versions
+from serving.searcher import Searcher, normalise_rows
 
 K = 10
 
@@ -37,7 +33,7 @@ def two_builds(tmp_path_factory, flowers_features):
 @pytest.fixture(scope="module")
 def one_shard(two_builds):
     out, one, _ = two_builds
-    with Searcher(str(out), version=one["version"]) as s:
+    with Searcher(str(out), version=one.version) as s:
         yield s
 
 
@@ -78,9 +74,9 @@ def _brute_force_topk(vectors: np.ndarray, image_ids: list[str], k: int):
 
 def test_latest_and_named_versions_open(two_builds, one_shard, three_shards):
     out, one, three = two_builds
-    assert available_versions(str(out)) == sorted([one["version"], three["version"]])
-    assert three_shards.version == three["version"] and len(three_shards.shards) == 3
-    assert one_shard.version == one["version"] and len(one_shard.shards) == 1
+    assert available_versions(str(out)) == sorted([one.version, three.version])
+    assert three_shards.version == three.version and len(three_shards.shards) == 3
+    assert one_shard.version == one.version and len(one_shard.shards) == 1
     assert one_shard.size == three_shards.size == 720
     assert sorted(one_shard.image_ids) == sorted(three_shards.image_ids)
     assert all(s.size > 0 for s in three_shards.shards)
@@ -196,7 +192,7 @@ def test_bad_queries_are_refused(three_shards):
 
 def test_missing_incomplete_or_renamed_versions_are_refused(two_builds, tmp_path):
     out, one, _ = two_builds
-    with pytest.raises(FileNotFoundError, match=one["version"]):
+    with pytest.raises(FileNotFoundError, match=one.version):
         Searcher(str(out), version="v20000101T000000-abcdef")
     for bad in ("../etc", "_staging", ".hidden"):
         with pytest.raises(layout.IndexIntegrityError):
@@ -205,20 +201,20 @@ def test_missing_incomplete_or_renamed_versions_are_refused(two_builds, tmp_path
         Searcher(str(tmp_path))
     # LATEST pointing at a version whose build never finished (no manifest)
     root = tmp_path / "idx"
-    shutil.copytree(out / one["version"], root / "v-incomplete")
+    shutil.copytree(out / one.version, root / "v-incomplete")
     (root / "v-incomplete" / layout.MANIFEST).unlink()
     (root / layout.POINTER).write_text(json.dumps({"version": "v-incomplete"}))
     with pytest.raises(layout.IndexIntegrityError, match="not a complete index version"):
         Searcher(str(root))
     # a version folder copied under another name: its manifest names another version
-    shutil.copytree(out / one["version"], root / "v-renamed")
+    shutil.copytree(out / one.version, root / "v-renamed")
     with pytest.raises(layout.IndexIntegrityError, match="manifest of version"):
         Searcher(str(root), version="v-renamed")
 
 
 def test_damaged_files_are_refused(two_builds, tmp_path):
     out, one, _ = two_builds
-    version = one["version"]
+    version = one.version
     shutil.copytree(out / version, tmp_path / version)
     vectors = tmp_path / version / layout.shard_dir(0) / layout.VECTORS_FILE
     data = bytearray(vectors.read_bytes())
@@ -239,7 +235,7 @@ def test_another_model_is_refused(two_builds, weights_dir):
     with pytest.raises(ModelMismatchError, match="fingerprint"):
         Searcher(str(out), expected_model="0123456789abcdef")
     Searcher(str(out), expected_model=ModelSpec("mobilenet_v1_025", weights_dir=weights_dir)).close()
-    Searcher(str(out), expected_model=one["model_fingerprint"], verify=False).close()
+    Searcher(str(out), expected_model=one.model_fingerprint, verify=False).close()
 
 
 def test_another_transform_is_refused(two_builds, one_shard, three_shards, weights_dir, flowers):
@@ -250,11 +246,11 @@ def test_another_transform_is_refused(two_builds, one_shard, three_shards, weigh
     embedder = one_shard.open_embedder(weights_dir)
     assert embedder.space_fingerprint == one_shard.space_fingerprint
     one_shard.check_embedder(embedder)
-    with pytest.raises(TransformMismatchError, match="transform_fn"):
+    with pytest.raises(TransformMismatchError, match="transform"):
         three_shards.check_embedder(embedder)
     with pytest.raises(TransformMismatchError):
         Searcher(str(out), expected_fingerprint=embedder.space_fingerprint)
-    Searcher(str(out), version=one["version"], expected_fingerprint=embedder.space_fingerprint).close()
+    Searcher(str(out), version=one.version, expected_fingerprint=embedder.space_fingerprint).close()
     # and the embedder's vectors do belong to its own version: a photo finds itself
     path = flowers / "3" / "image_0241.jpg"
     vectors, ok, failures = embedder.embed_files([str(path)])
@@ -267,12 +263,12 @@ def test_another_transform_is_refused(two_builds, one_shard, three_shards, weigh
 def test_search_k_defaults_to_the_manifest_recommendation(two_builds, tmp_path):
     """The builder records the Annoy search_k benchmarks recommend; -1 then means that value."""
     out, _, three = two_builds
-    version = three["version"]
+    version = three.version
     shutil.copytree(out / version, tmp_path / version)
     with Searcher(str(tmp_path), version=version, verify=False) as plain:
-        recommended = layout.recommended_search_k(max(three["items_per_shard"]), three["annoy"]["trees"])
-        assert plain.default_search_k == recommended == three["annoy"]["search_k"]
-        assert recommended > three["annoy"]["trees"] * K  # more than Annoy's own default
+        recommended = layout.recommended_search_k(max(three.items_per_shard), three.annoy.trees)
+        assert plain.default_search_k == recommended == three.annoy.search_k
+        assert recommended > three.annoy.trees * K  # more than Annoy's own default
         queries = plain.all_vectors()
     manifest = json.loads((tmp_path / version / layout.MANIFEST).read_text())
     manifest["annoy"]["search_k"] = 1  # a single node per shard: clearly worse than Annoy's default

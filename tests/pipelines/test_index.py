@@ -14,10 +14,13 @@ import pytest
 from annoy import AnnoyIndex
 
 from index_builder import layout, lsh
+from index_builder.manifests import IndexManifest
 from index_builder.shard import ShardItems, ShardParams, annoy_bytes_estimate, build_annoy, build_shard
-from pipelines import extract, index
-from serving.searcher import Searcher, resolve_version, verify_files
+from pipelines import index
+from serving.index_files import resolve, verify_files
+from serving.searcher import Searcher
 from transforms import features_io
+from transforms.feature_sets import feature_files
 
 FLOAT16_EPS = 2.0**-11  # half a float16 ulp, relative
 
@@ -28,14 +31,14 @@ FLOAT16_EPS = 2.0**-11  # half a float16 ulp, relative
 @pytest.fixture(scope="module")
 def published(flowers_index):
     out, manifest = flowers_index
-    return out, out / manifest["version"], manifest
+    return out, out / manifest.version, manifest
 
 
 @pytest.fixture(scope="module")
 def raw_features(flowers_features):
     """image_id → (uri, label, sha256, raw float32 vector) from the extract output."""
     out, manifest = flowers_features
-    table = pa.concat_tables(features_io.read_table(p) for p in extract.feature_files(str(out), manifest))
+    table = pa.concat_tables(features_io.read_table(p) for p in feature_files(str(out), manifest))
     vectors = features_io.feature_matrix(table)
     return {
         iid: (uri, label, sha, vectors[i])
@@ -112,17 +115,17 @@ def test_shard_items_refuse_unsorted_ids_and_non_finite_vectors():
 def test_ids_round_trip_through_the_published_index(published, raw_features):
     _, version_dir, manifest = published
     seen = set()
-    for s in range(manifest["shards"]):
+    for s in range(manifest.shards):
         idmap, vectors, d = _shard(version_dir, s)
         ids = idmap.column("image_id").to_pylist()
         assert idmap.column("id").to_pylist() == list(range(idmap.num_rows))
-        assert ids == sorted(ids) and len(vectors) == len(ids) == manifest["items_per_shard"][s]
-        assert all(layout.stable_shard(i, manifest["shards"]) == s for i in ids)
+        assert ids == sorted(ids) and len(vectors) == len(ids) == manifest.items_per_shard[s]
+        assert all(layout.stable_shard(i, manifest.shards) == s for i in ids)
         for row in idmap.to_pylist():
             uri, label, sha, _ = raw_features[row["image_id"]]
             assert (row["uri"], row["label"], row["sha256"]) == (uri, label, sha)
         seen.update(ids)
-    assert seen == set(raw_features) and manifest["items"] == len(raw_features)
+    assert seen == set(raw_features) and manifest.items == len(raw_features)
 
 
 # -- the transform --------------------------------------------------------------------------------
@@ -136,12 +139,12 @@ def test_transform_is_identical_at_build_and_query(published, raw_features):
     _, version_dir, manifest = published
     tft_out = tft.TFTransformOutput(str(version_dir))
     checked = 0
-    for s in range(manifest["shards"]):
+    for s in range(manifest.shards):
         idmap, stored, d = _shard(version_dir, s)
         raw = np.stack([raw_features[i][3] for i in idmap.column("image_id").to_pylist()])
         query = tft_out.transform_raw_features({"feature": tf.constant(raw)}, drop_unused_features=True)
         query = query["feature"].numpy()
-        assert query.shape == (len(raw), manifest["dimension"]["output"]) == stored.shape
+        assert query.shape == (len(raw), manifest.dimension.output) == stored.shape
         assert stored.dtype == np.float16
         np.testing.assert_allclose(np.linalg.norm(query, axis=1), 1.0, atol=1e-5)
         err = np.abs(stored.astype(np.float32) - query)
@@ -153,7 +156,7 @@ def test_transform_is_identical_at_build_and_query(published, raw_features):
             np.testing.assert_allclose(annoy.get_item_vector(i), query[i], atol=1e-5)
         annoy.unload()
         checked += len(raw)
-    assert checked == manifest["items"]
+    assert checked == manifest.items
 
 
 # -- recall on real features ----------------------------------------------------------------------
@@ -179,7 +182,7 @@ def test_annoy_and_lsh_recall_against_exact_search(published):
     """
     _, version_dir, manifest = published
     k, shards = 10, []
-    for s in range(manifest["shards"]):
+    for s in range(manifest.shards):
         _, vectors, d = _shard(version_dir, s)
         annoy = AnnoyIndex(vectors.shape[1], layout.METRIC)
         annoy.load(str(d / layout.ANNOY_FILE))
@@ -266,7 +269,7 @@ def test_reader_refuses_a_version_whose_digests_do_not_match(published, tmp_path
     out, version_dir, manifest = published
     copy = tmp_path / "index"
     shutil.copytree(out, copy)
-    copy_version = copy / manifest["version"]
+    copy_version = copy / manifest.version
     verify_files(str(copy_version), manifest)  # intact copy passes
     target = copy_version / layout.shard_dir(1) / layout.VECTORS_FILE
     data = bytearray(target.read_bytes())
@@ -282,7 +285,7 @@ def test_reader_refuses_a_version_whose_digests_do_not_match(published, tmp_path
         Searcher(str(copy), verify=False)
     (copy_version / layout.MANIFEST).unlink()
     with pytest.raises(layout.IndexIntegrityError, match="not a complete index version"):
-        resolve_version(str(copy))
+        resolve(str(copy))
 
 
 def test_manifest_lists_every_file_it_publishes(published):
@@ -290,10 +293,10 @@ def test_manifest_lists_every_file_it_publishes(published):
     on_disk = {
         str(p.relative_to(version_dir)) for p in version_dir.rglob("*") if p.is_file() and p.name != layout.MANIFEST
     }
-    assert on_disk == set(manifest["files"])
-    assert manifest["sharding"]["key"] == "image_id"
-    assert manifest["dimension"] == {"input": 256, "output": 128}
-    layout.check_manifest(manifest)
+    assert on_disk == set(manifest.files)
+    assert manifest.sharding["key"] == "image_id"
+    assert (manifest.dimension.input, manifest.dimension.output) == (256, 128)
+    assert IndexManifest.from_dict(json.loads((version_dir / layout.MANIFEST).read_text())) == manifest
 
 
 # -- publishing and garbage collection ------------------------------------------------------------
@@ -371,7 +374,7 @@ def test_interrupted_builds_leave_the_published_index_and_the_next_build_cleans_
     out = tmp_path / "index"
     shutil.copytree(flowers_index[0], out)  # a published index, as last night's build left it
     first = flowers_index[1]
-    first_dir = out / first["version"]
+    first_dir = out / first.version
     cfg = dict(features=str(flowers_features[0]), output=str(out), shards=2, dims=32, trees=5, lsh_bits=64)
     before = _snapshot(first_dir)
     latest = (out / layout.POINTER).read_bytes()
@@ -380,7 +383,7 @@ def test_interrupted_builds_leave_the_published_index_and_the_next_build_cleans_
         assert (out / layout.POINTER).read_bytes() == latest
         assert _snapshot(first_dir) == before
         s = Searcher(str(out))  # verifies every digest
-        assert s.manifest["version"] == first["version"] and s.size == first["items"]
+        assert s.manifest.version == first.version and s.size == first.items
         s.close()
 
     # 1. a shard build dies on its worker: the pipeline fails, nothing is published
@@ -402,15 +405,15 @@ def test_interrupted_builds_leave_the_published_index_and_the_next_build_cleans_
     assert len(leftovers) == 1  # the dead build's staging folder stays until it is stale
 
     # 2. killed after moving files into the new version folder, before its manifest
-    def killed(final, manifest):
+    def killed(*args, **kwargs):
         raise KeyboardInterrupt("simulated kill before the commit")
 
-    monkeypatch.setattr(index, "_commit", killed)
+    monkeypatch.setattr(index.protocol, "commit", killed)
     with pytest.raises(KeyboardInterrupt):
         index.run(index.IndexConfig(**cfg))
     monkeypatch.undo()
     still_published()
-    half = [p.name for p in out.iterdir() if layout.is_version(p.name) and p.name != first["version"]]
+    half = [p.name for p in out.iterdir() if layout.is_version(p.name) and p.name != first.version]
     assert len(half) == 1 and not (out / half[0] / layout.MANIFEST).exists()
     assert (out / half[0] / layout.shard_dir(1) / layout.ANNOY_FILE).exists()
     with pytest.raises(layout.IndexIntegrityError, match="not a complete index version"):
@@ -420,11 +423,11 @@ def test_interrupted_builds_leave_the_published_index_and_the_next_build_cleans_
     (out / "notes").mkdir()
     (out / "notes" / "keep.txt").write_text("not ours")
     third = index.run(index.IndexConfig(**cfg | {"dims": 0}, keep_versions=1, stale_after_seconds=0))
-    assert json.loads((out / layout.POINTER).read_text()) == {"version": third["version"]}
-    assert sorted(p.name for p in out.iterdir()) == sorted([layout.POINTER, third["version"], "notes"])
+    assert json.loads((out / layout.POINTER).read_text()) == {"version": third.version}
+    assert sorted(p.name for p in out.iterdir()) == sorted([layout.POINTER, third.version, "notes"])
     assert (out / "notes" / "keep.txt").read_text() == "not ours"
-    assert third["dimension"] == {"input": 256, "output": 256}
-    assert third["transform"]["steps"] == ["l2"]
+    assert (third.dimension.input, third.dimension.output) == (256, 256)
+    assert third.transform.steps == ["l2"]
     s = Searcher(str(out))
     vectors = s.all_vectors()
     ids = [i for sh in s.shards for i in sh.image_ids]
@@ -432,4 +435,4 @@ def test_interrupted_builds_leave_the_published_index_and_the_next_build_cleans_
     expected = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     assert np.all(np.abs(vectors - expected) <= FLOAT16_EPS * np.abs(expected) + 1e-6)
     s.close()
-    assert os.listdir(out / third["version"] / layout.TRANSFORM_DIR)
+    assert os.listdir(out / third.version / layout.TRANSFORM_DIR)

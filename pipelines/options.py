@@ -1,0 +1,112 @@
+"""Command-line building blocks every subcommand shares: checked argument types and option groups.
+
+Validation happens in argparse types, so a bad value is refused before any work with
+argparse's own message, which names the option (``argument --batch-size: must be at
+least 1, not 0``). Option groups that several commands take (the model, the search)
+are defined once here and turned into the records the jobs take.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from models.presets import PRESETS
+from serving.methods import LSH_RADIUS, SearchOptions
+
+SEARCH_METHODS = ("annoy", "lsh", "hnsw", "both", "exact")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    parse.__name__ = f"integer ≥ {low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def method_name(text: str) -> str:
+    """A search method, ``both``, or method names joined by ``+`` (the union of their candidates)."""
+    names = ["annoy", "lsh"] if text == "both" else text.split("+")
+    unknown = [n for n in names if n not in SEARCH_METHODS or n == "both"]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a method: choose from {', '.join(SEARCH_METHODS)} or join names with '+'"
+        )
+    return text
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--model", default=default,
+                   help=f"preset ({', '.join(sorted(PRESETS))}) or savedmodel:PATH")
+    p.add_argument("--weights-dir", default=None,
+                   help="folder with Keras weights files by their Keras names (default $CBIR_WEIGHTS_DIR)")
+
+
+def add_search_args(p: argparse.ArgumentParser, method: str = "annoy", k: int = 10, rerank_flag: str = "--rerank"
+                    ) -> None:
+    """-k, --method, re-ranking, query expansion and per-method effort: one :class:`SearchOptions`.
+
+    ``rerank_flag`` is ``--rerank`` (off by default) or ``--no-rerank`` (on by default).
+    """
+    p.add_argument("-k", type=positive_int, default=k, help=f"results per query (default {k})")
+    p.add_argument("--method", type=method_name, default=method,
+                   help=f"{', '.join(SEARCH_METHODS)}, or names joined by '+' (union, re-scored exactly); "
+                        f"default {method}")
+    if rerank_flag == "--rerank":
+        p.add_argument("--rerank", action="store_true", help="re-score the candidates exactly")
+    else:
+        p.add_argument("--no-rerank", dest="rerank", action="store_false",
+                       help="keep the method's own scores instead of re-scoring 4k candidates exactly")
+    p.add_argument("--qe", type=non_negative_int, default=0, help="query expansion with the top N")
+    p.add_argument("--qe-alpha", type=non_negative_float, default=0.0,
+                   help="weight the expansion by similarity**A (0: plain average)")
+    p.add_argument("--search-k", type=int, default=-1,
+                   help="Annoy search_k (default: the value the index calibrated)")
+    p.add_argument("--ef-search", type=non_negative_int, default=0,
+                   help="HNSW efSearch (default: the value the index calibrated)")
+    p.add_argument("--lsh-radius", type=int_at_least(0), default=LSH_RADIUS, help="largest MIH substring radius")
+    p.add_argument("--lsh-candidates", type=non_negative_int, default=0,
+                   help="LSH candidates per shard (default: the value the index calibrated, else 20k)")
+    p.add_argument("--candidates", type=non_negative_int, default=0,
+                   help="candidates per shard for every method (default: each method's own)")
+
+
+def search_options(args: argparse.Namespace, **overrides) -> SearchOptions:
+    fields = {
+        "k": args.k, "method": args.method, "rerank": args.rerank, "qe": args.qe, "qe_alpha": args.qe_alpha,
+        "search_k": args.search_k, "ef_search": args.ef_search, "lsh_radius": args.lsh_radius,
+        "lsh_candidates": args.lsh_candidates, "candidates": args.candidates,
+    }
+    fields.update(overrides)
+    return SearchOptions(**fields)

@@ -1,0 +1,101 @@
+"""The seam every search method plugs into: one options record, one candidate-generator interface.
+
+A method turns a chunk of (normalised) query vectors into per-shard candidates: local
+ids, and scores when it has exact cosines. The searcher does the rest for every method
+alike: fan-out over shards and query chunks, exact re-scoring from the stored float16
+vectors where asked or needed, the global merge with the image-id tie-break, query
+expansion. Adding a method is one module that subclasses :class:`Method` and
+registers itself in ``serving.methods``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import numpy as np
+
+from index_builder.manifests import IndexManifest
+
+LSH_RADIUS = 3  # largest MIH substring radius probed when nearer buckets hold too few candidates
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOptions:
+    """Everything a search can be asked for; every search entry point takes this one record.
+
+    ``method`` is a method name (``exact``, ``annoy``, ``lsh``, ``hnsw``), ``both`` (Annoy
+    and LSH), or several names joined by ``+``: the union of their candidates, re-scored
+    exactly. ``candidates`` (per shard) overrides each method's own default count;
+    ``search_k`` (Annoy), ``ef_search`` (HNSW) and ``lsh_radius`` tune one method each,
+    ``-1`` / ``0`` meaning the value the index recorded (or the library's default).
+    """
+
+    k: int = 10
+    method: str = "annoy"
+    rerank: bool = False
+    qe: int = 0
+    qe_alpha: float = 0.0  # α-weighted query expansion: weights similarity**alpha (0: plain average)
+    search_k: int = -1
+    ef_search: int = 0
+    lsh_radius: int = LSH_RADIUS
+    lsh_candidates: int = 0
+    candidates: int = 0
+    batch_size: int = 1024
+
+    def methods(self) -> tuple[str, ...]:
+        names = ("annoy", "lsh") if self.method == "both" else tuple(self.method.split("+"))
+        return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+
+    def validate(self, available: tuple[str, ...]) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, not {self.k}")
+        if self.qe < 0:
+            raise ValueError(f"--qe must not be negative, not {self.qe}")
+        if self.qe_alpha < 0:
+            raise ValueError(f"--qe-alpha must not be negative, not {self.qe_alpha}")
+        names = self.methods()
+        if not names:
+            raise ValueError("no search method given")
+        for name in names:
+            if name not in available:
+                raise ValueError(f"method {name!r} is not available here: this index has {', '.join(available)}")
+        if "exact" in names and len(names) > 1:
+            raise ValueError("exact search cannot be combined with other methods: it already finds the true top-k")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Method:
+    """A candidate generator over one shard.
+
+    ``open_shard`` returns the method's handle for a shard folder (memory-mapped where the
+    library allows) after checking it holds ``n`` items; ``search`` returns local ids
+    ``(b, ≤n)`` int64 padded with -1, and float32 cosines of the same shape or None when
+    its ranking is not by cosine (LSH's Hamming order), in which case the searcher
+    re-scores exactly.
+    """
+
+    name: ClassVar[str] = ""
+    exact_scores: ClassVar[bool] = True  # its scores are the cosines of the index's vectors
+    parallel: ClassVar[bool] = True  # runs per query with the GIL released: worth a thread per chunk
+
+    def __init__(self, version_dir: str, manifest: IndexManifest):
+        self.version_dir = version_dir
+        self.manifest = manifest
+        self.dim = manifest.dimension.output
+
+    def open_shard(self, shard_dir: str, n: int) -> Any:
+        return None
+
+    def close_shard(self, handle: Any) -> None:
+        return None
+
+    def default_candidates(self, opts: SearchOptions, union: bool) -> int:
+        """Candidates per shard when the caller gives none."""
+        return opts.k
+
+    def search(self, handle: Any, shard: Any, q: np.ndarray, n: int, opts: SearchOptions
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError

@@ -1,0 +1,167 @@
+"""What every input reader shares: ids and labels from paths, bounded reads, accounting.
+
+Every reader ends in :class:`Account`, one step that counts what was read (Beam
+counters ``read``, ``failed_read``, ``failed_read_<ErrorClass>``), logs progress with
+a rate, and splits records from failure rows. Shard readers also emit one *tally*
+per shard (:data:`TALLIES_TAG`): how many entries that shard produced. The extract
+job checks the tallies against the launcher's listing and the rows it wrote before
+it publishes anything (ARCHITECTURE.md, "Accounting").
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from transforms.decode import NAMESPACE, count_failure
+from transforms.records import FAILURES_TAG, ImageRecord
+
+log = logging.getLogger(__name__)
+progress_log = logging.getLogger("cbir.progress")
+
+MAX_RECORD_BYTES = 256 * 1024 * 1024  # one image larger than this is a failure, not an allocation
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+TALLIES_TAG = "tallies"
+
+
+class ListedFile(NamedTuple):
+    """One input file as the launcher listed it (path and size from the listing, no read)."""
+
+    path: str
+    size: int
+
+
+class RecordTooLargeError(ValueError):
+    """An input holds more bytes than :data:`MAX_RECORD_BYTES`; it is refused unread."""
+
+
+class ShardReadError(ValueError):
+    """A record in a shard is unusable; the rest of the shard is still read."""
+
+
+class CorruptRecordError(ShardReadError):
+    """A TFRecord payload failed its CRC, or the bytes are not a ``tf.train.Example``."""
+
+
+class MissingImageError(ShardReadError):
+    """The record or sample holds no image bytes."""
+
+
+class CorruptShardError(ShardReadError):
+    """The shard cannot be read past this point: its remainder is one failure row."""
+
+
+def read_limited(path: str, limit: int = MAX_RECORD_BYTES, size: int | None = None) -> bytes:
+    """Reads a whole file through Beam filesystems, refusing one above ``limit`` bytes.
+
+    With the listed ``size`` a file over the limit is refused without being opened, and
+    the read asks for exactly ``size + 1`` bytes (one more tells a file that grew since it
+    was listed). Without it, at most ``limit + 1`` bytes are read.
+    """
+    if size is not None and size > limit:
+        raise RecordTooLargeError(f"{path} holds {size} bytes, more than the limit of {limit}")
+    want = limit + 1 if size is None else min(size, limit) + 1
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        data = f.read(want)
+    if len(data) > limit:
+        raise RecordTooLargeError(f"{path} holds more than {limit} bytes")
+    return data
+
+
+def relative_id(path: str, root: str) -> str:
+    """The image id of a file: its path relative to the input root, with '/' separators."""
+    root = root.rstrip("/")
+    if root and path.startswith(root + "/"):
+        return path[len(root) + 1:]
+    return path.lstrip("/")
+
+
+def label_from_id(image_id: str) -> str | None:
+    """Folder input: the label is the parent folder name (None for files at the root)."""
+    parent = posixpath.dirname(image_id)
+    return posixpath.basename(parent) if parent else None
+
+
+def is_visible(path: str, root: str) -> bool:
+    """False for hidden files and anything inside a hidden folder below the root.
+
+    ``.DS_Store``, ``._IMG_1.jpg`` (macOS resource forks), ``.ipynb_checkpoints/``:
+    never images, and counting them as failures would only be noise. ``cbir shard``
+    uses the same rule, so a folder and its shards hold the same inputs.
+    """
+    return not any(part.startswith(".") for part in relative_id(path, root).split("/"))
+
+
+def is_shard_name(path: str) -> bool:
+    """Shard globs skip ``_*`` and ``.*`` files: manifests, ``_SUCCESS`` markers, temp files."""
+    return not posixpath.basename(path).startswith(("_", "."))
+
+
+def tally(unit: str, entries: int) -> beam.pvalue.TaggedOutput:
+    """A shard reader's report: ``unit`` (the shard path) produced ``entries`` records or failure rows."""
+    return beam.pvalue.TaggedOutput(TALLIES_TAG, {"unit": unit, "entries": int(entries)})
+
+
+class ShardFn(beam.DoFn):
+    """Base of the shard DoFns: the root for relative shard names, and a shard counter."""
+
+    def __init__(self, root: str):
+        self._root = root
+        self._shards = Metrics.counter(NAMESPACE, "shards_read")
+
+    def _rel(self, path: str) -> str:
+        return relative_id(path, self._root)
+
+
+class _AccountFn(beam.DoFn):
+    """Counts, logs progress and splits a reader's output into records and failure rows.
+
+    Input elements are :class:`ImageRecord` or failure dicts (stage ``read``), so every
+    reader shares one definition of "read": each element is one input accounted for.
+    """
+
+    def __init__(self, what: str, every_seconds: float = 10.0):
+        self._what = what
+        self._every = every_seconds
+        self._read = Metrics.counter(NAMESPACE, "read")
+        self._bytes = Metrics.distribution(NAMESPACE, "record_bytes")
+
+    def setup(self):
+        self._count = 0
+        self._start = time.monotonic()
+        self._last = self._start
+
+    def process(self, element: Any):
+        self._read.inc()
+        self._tick()
+        if isinstance(element, ImageRecord):
+            self._bytes.update(len(element.data))
+            yield element
+        else:
+            count_failure(element["stage"], element["error"])
+            yield beam.pvalue.TaggedOutput(FAILURES_TAG, element)
+
+    def _tick(self) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last >= self._every:
+            self._last = now
+            rate = self._count / max(now - self._start, 1e-9)
+            progress_log.info("read %s: %d inputs in this worker, %.1f/s", self._what, self._count, rate)
+
+
+class Account(beam.PTransform):
+    """Records-or-failures → tagged outputs ``records`` (main) and :data:`FAILURES_TAG`."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self._what = what
+
+    def expand(self, pcoll):
+        return pcoll | beam.ParDo(_AccountFn(self._what)).with_outputs(FAILURES_TAG, main="records")

@@ -1,0 +1,45 @@
+"""Folder (or glob) input: one listed image file → one record or one failure row."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from transforms.readers.common import Account, ListedFile, label_from_id, read_limited, relative_id
+from transforms.readers.spec import InputSpec, ReadListing
+from transforms.records import ImageRecord, failure
+
+
+class _ReadFileFn(beam.DoFn):
+    """Reads one listed file; a read error becomes a failure row (stage ``read``)."""
+
+    def __init__(self, root: str):
+        self._root = root
+
+    def process(self, listed: ListedFile):
+        image_id = relative_id(listed.path, self._root)
+        try:
+            data = read_limited(listed.path, size=listed.size)
+        except Exception as exc:  # permissions, vanished files, remote errors, oversized files
+            yield failure(image_id, listed.path, "read", exc)
+            return
+        yield ImageRecord(image_id, listed.path, label_from_id(image_id), data)
+
+
+class ReadImageFiles(beam.PTransform):
+    """Listing of image files → ``{"records", "failures"}`` (no tallies: the listing is the count)."""
+
+    FORMAT = "files"
+
+    def __init__(self, spec: InputSpec, listing: str):
+        super().__init__()
+        self._spec = spec
+        self._listing = listing
+
+    def expand(self, pbegin):
+        accounted = (
+            pbegin
+            | "Listing" >> ReadListing(self._listing)
+            | "ReadFiles" >> beam.ParDo(_ReadFileFn(self._spec.root))
+            | "Account" >> Account("files")
+        )
+        return {"records": accounted.records, "failures": accounted.failures}

@@ -1,0 +1,148 @@
+"""Input specs and the launcher's listing of what a job will read.
+
+A spec is a folder or glob of image files, or ``tfrecord:GLOB``, ``wds:GLOB``,
+``parquet:GLOB``. The launcher lists the matching files once (:meth:`InputSpec.list`),
+writes the listing under the run's staging folder, and the pipeline reads that
+listing instead of matching again. So the job knows how many inputs it was given
+before any worker runs, and can refuse to publish a run that came back short,
+whatever the runner did in between (ARCHITECTURE.md, "Accounting").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import re
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from transforms import fsutil
+from transforms.readers.common import IMAGE_EXTENSIONS, TALLIES_TAG, Account, ListedFile, is_shard_name, is_visible
+
+FORMATS = ("files", "tfrecord", "wds", "parquet")
+LISTING_DIR = "_inputs"
+LISTING_LINES_PER_FILE = 100_000
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    format: str
+    pattern: str  # a glob for FileSystems.match
+    root: str  # prefix stripped from paths to make image ids (files) or shard names (shards)
+
+    @classmethod
+    def parse(cls, spec: str) -> InputSpec:
+        fmt, sep, rest = spec.partition(":")
+        if sep and fmt in FORMATS[1:]:
+            if not rest:
+                raise ValueError(f"{fmt}: needs a glob, e.g. {fmt}:/data/shards/*")
+            rest = _shard_pattern(rest)
+            return cls(fmt, rest, _glob_root(rest))
+        if _GLOB_CHARS.search(spec):
+            return cls("files", spec, _glob_root(spec))
+        if spec.lower().endswith(IMAGE_EXTENSIONS):
+            return cls("files", spec, posixpath.dirname(spec.rstrip("/")))
+        root = spec.rstrip("/")
+        return cls("files", FileSystems.join(root, "**"), root)
+
+    @property
+    def is_shards(self) -> bool:
+        return self.format != "files"
+
+    def list(self) -> list[ListedFile]:
+        """Every input file (image files, or shard files) the job will read, sorted by path.
+
+        Hidden files and folders are skipped; shard globs also skip ``_*`` names.
+        Raises FileNotFoundError when nothing matches, so an empty job fails at launch.
+        """
+        try:
+            found = FileSystems.match([self.pattern])[0].metadata_list
+        except beam.io.filesystem.BeamIOError:
+            found = []
+        listed = sorted(
+            ListedFile(m.path, int(m.size_in_bytes)) for m in found
+            if is_visible(m.path, self.root) and (not self.is_shards or is_shard_name(m.path))
+        )
+        if not listed:
+            raise FileNotFoundError(f"input {self.pattern!r} matches no file")
+        return listed
+
+
+def _shard_pattern(rest: str) -> str:
+    """A glob as given; a plain path that is not a file means the shards in that folder.
+
+    So ``tfrecord:OUT`` reads what ``cbir shard --output OUT`` wrote (its ``_SHARDS.json``
+    is skipped like every ``_``/``.`` name, as Hadoop and Spark skip ``_SUCCESS``).
+    """
+    if _GLOB_CHARS.search(rest):
+        return rest
+    inside = FileSystems.join(rest.rstrip("/"), "*")
+    try:
+        if FileSystems.match([inside], limits=[1])[0].metadata_list:
+            return inside
+    except Exception:  # BeamIOError: nothing below it, so it names a file
+        pass
+    return rest
+
+
+def _glob_root(pattern: str) -> str:
+    parts = pattern.split("/")
+    fixed = []
+    for part in parts:
+        if _GLOB_CHARS.search(part):
+            break
+        fixed.append(part)
+    else:
+        fixed = parts[:-1]
+    return "/".join(fixed)
+
+
+def write_listing(staging: str, listed: list[ListedFile]) -> str:
+    """Writes the listing as JSON lines under ``staging``; returns the glob that reads it back.
+
+    JSON, not tab-separated text: a file name may hold tabs or newlines.
+    """
+    folder = fsutil.join(staging, LISTING_DIR)
+    chunks = range(0, len(listed), LISTING_LINES_PER_FILE)
+    for n, start in enumerate(chunks):
+        lines = "".join(json.dumps([f.path, f.size]) + "\n" for f in listed[start:start + LISTING_LINES_PER_FILE])
+        fsutil.write_bytes_atomic(fsutil.join(folder, f"listing-{n:05d}.jsonl"), lines.encode("utf-8"))
+    return fsutil.join(folder, "listing-*.jsonl")
+
+
+def _parse_line(line: str) -> ListedFile:
+    path, size = json.loads(line)
+    return ListedFile(path, int(size))
+
+
+class ReadListing(beam.PTransform):
+    """The launcher's listing → one :class:`ListedFile` per input, spread over workers."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self._pattern = pattern
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "ReadListing" >> beam.io.ReadFromText(self._pattern)
+            | "Parse" >> beam.Map(_parse_line)
+            | "Spread" >> beam.Reshuffle()
+        )
+
+
+def read_shard_files(pbegin, spec: InputSpec, listing: str, read_fn: beam.DoFn, what: str) -> dict:
+    """Listing → one DoFn per shard file → accounted records, failures and the shards' tallies.
+
+    The shape of every per-file shard reader (TFRecord, WebDataset).
+    """
+    read = (
+        pbegin
+        | "Listing" >> ReadListing(listing)
+        | "ReadShards" >> beam.ParDo(read_fn).with_outputs(TALLIES_TAG, main="entries")
+    )
+    accounted = read.entries | "Account" >> Account(what)
+    return {"records": accounted.records, "failures": accounted.failures, "tallies": read[TALLIES_TAG]}
