@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from benchmarks._results import machine, md_table, update_section
+from serving.metrics import recall_at_k
 
 log = logging.getLogger("bench_serving")
 
@@ -52,7 +53,7 @@ def _index(features: str, out: str, shards: int, dims: int, trees: int) -> str:
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     m = index.run(index.IndexConfig(features=features, output=out, shards=shards, dims=dims, trees=trees))
-    print(f"  built {out}: {m['items']} items, {shards} shard(s), {m['dimension']['output']} dims, "
+    print(f"  built {out}: {m.items} items, {shards} shard(s), {m.dimension.output} dims, "
           f"{trees} trees in {time.perf_counter() - t:.0f}s")
     return out
 
@@ -67,7 +68,7 @@ def real_index(name: str, work: str, shards: int = 2) -> str:
         t = time.perf_counter()
         m = extract.run(extract.ExtractConfig(input=os.path.join(DATA, name), output=features,
                                               model=ModelSpec(MODEL)))
-        print(f"  extracted {name}: {m['counts']['ok']} ok, {m['counts']['failed']} failed in "
+        print(f"  extracted {name}: {m.counts.ok} ok, {m.counts.failed} failed in "
               f"{time.perf_counter() - t:.0f}s")
     return _index(features, os.path.join(work, name, f"index-s{shards}"), shards, 128, 50)
 
@@ -107,7 +108,7 @@ def synthetic_features(out: str, n: int, dim: int, clusters: int, seed: int = 0)
         pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
     ], schema=schema)
     pq.write_table(table, os.path.join(out, "features", "part-0.parquet"))
-    manifest = {"kind": "features", "format_version": 1, "run_id": "synthetic",
+    manifest = {"kind": "features", "format_version": 1, "run_id": "synthetic", "created_utc": "",
                 "model": {"preset": "synthetic", "dim": dim}, "model_fingerprint": f"synthetic-{dim}-{seed}",
                 "dimension": dim, "counts": {"read": n, "ok": n, "failed": 0},
                 "files": {"features": [{"path": "features/part-0.parquet", "rows": n}], "failures": []}}
@@ -134,8 +135,7 @@ def _pcts(seconds: list[float]) -> tuple[float, float]:
 
 
 def _recall(ids: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(set(a[a >= 0]) & set(e[e >= 0])) / max(1, (e >= 0).sum())
-                          for a, e in zip(ids, exact, strict=True)]))
+    return float(np.nanmean(recall_at_k(ids, exact)))
 
 
 def brute_force(matrix: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -226,13 +226,16 @@ def bench_images(index_dir: str, corpus: str, n_images: int) -> tuple[list[list]
 def bench_quality(index_dir: str, corpus: str, qe: int) -> list[list]:
     """Rows: corpus, configuration, full-ranking mAP, mAP@100, P@10, recall@100 vs exact (same QE)."""
     from pipelines.evaluate import EvaluateConfig, evaluate
+    from serving.methods import SearchOptions
     from serving.searcher import Searcher
 
     rows = []
     with Searcher(index_dir, verify=False) as s:
-        plain = evaluate(s, EvaluateConfig(index=index_dir, k=100, methods=("annoy", "lsh")))
-        rerank = evaluate(s, EvaluateConfig(index=index_dir, k=100, methods=("annoy",), rerank=True))
-        expanded = evaluate(s, EvaluateConfig(index=index_dir, k=100, methods=("annoy", "lsh"), rerank=True, qe=qe))
+        plain = evaluate(s, EvaluateConfig(index=index_dir, search=SearchOptions(k=100), methods=("annoy", "lsh")))
+        rerank = evaluate(s, EvaluateConfig(index=index_dir, search=SearchOptions(k=100, rerank=True),
+                                            methods=("annoy",)))
+        expanded = evaluate(s, EvaluateConfig(index=index_dir, search=SearchOptions(k=100, rerank=True, qe=qe),
+                                              methods=("annoy", "lsh")))
 
     def row(name, m, full="-"):
         return [corpus, name, full, f"{m['map@k']:.4f}", f"{m['p@10']:.4f}", f"{m['recall@k']:.3f}"]

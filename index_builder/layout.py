@@ -20,16 +20,16 @@ import dataclasses
 import hashlib
 import re
 import time
-from typing import Any
 
 from index_builder.manifests import new_run_id
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: transform as data, learned LSH, HNSW, calibrated efforts
 MANIFEST = "MANIFEST.json"
 POINTER = "LATEST"
 STAGING = "_staging"
 SHARD_INFO = "SHARD.json"
 LSH_PLANES = "lsh_planes.npy"
+LSH_OFFSETS = "lsh_offsets.npy"
 TRANSFORM_DIR = "transform_fn"
 TRANSFORMED_METADATA_DIR = "transformed_metadata"
 TRANSFORM_DATA_DIR = "transform"  # the transform as data (projection.npy, bias.npy): what queries apply
@@ -112,16 +112,6 @@ def plan_cleanup(
     )
 
 
-def recommended_search_k(items_per_shard: int, trees: int, k: int = 10) -> int:
-    """Annoy search_k that reached recall@10 ≥ 0.95 in benchmarks/bench_index.py.
-
-    Annoy's own default (trees × k) is enough for a few thousand items (0.97 on the dev
-    photos) but falls to 0.17 at a million; ~100·sqrt(n) nodes reached 0.95–0.96 at 100k
-    (search_k 30,000) and 1M (100,000) on features shaped like the real ones.
-    """
-    return max(trees * k, int(round(100 * items_per_shard ** 0.5, -2)))
-
-
 def shard_dir(shard: int) -> str:
     return f"shards/shard-{shard:05d}"
 
@@ -144,16 +134,3 @@ def sha256_stream(chunks) -> tuple[str, int]:
 def sha256_file(path: str) -> tuple[str, int]:
     with open(path, "rb") as f:
         return sha256_stream(iter(lambda: f.read(1 << 20), b""))
-
-
-def check_manifest(manifest: dict[str, Any]) -> None:
-    """Structural checks a reader makes before it trusts a manifest."""
-    if manifest.get("kind") != "index":
-        raise IndexIntegrityError("not an index manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexIntegrityError(
-            f"index format {manifest.get('format_version')} is not {FORMAT_VERSION}: rebuild the index"
-        )
-    for key in ("dimension", "metric", "shards", "items", "model_fingerprint", "files", "annoy", "lsh"):
-        if key not in manifest:
-            raise IndexIntegrityError(f"manifest lacks {key!r}")

@@ -1,8 +1,15 @@
-"""Random-hyperplane LSH codes and multi-index hashing (MIH) over them.
+"""Binary codes for the index's vectors, a full Hamming scan over them, and multi-index hashing (MIH).
 
-A B-bit code is the sign pattern of a vector against B seeded Gaussian
-hyperplanes; the Hamming distance between two codes estimates the angle between
-the vectors (P[bit differs] = angle / pi). MIH (Norouzi, Punjani and Fleet, 2012)
+A B-bit code is the sign pattern of a vector against B hyperplanes (``planes``, with
+``offsets`` as thresholds). The hyperplanes are learned when the index is fitted
+(:func:`fit_projection`): PCA-ITQ (Gong & Lazebnik, 2011), which rotates the top
+principal directions so that quantising them loses as little as possible, when B ≤ D;
+ITQ on all D directions plus random orthogonal rotations of them for the bits beyond
+D. Random Gaussian hyperplanes (P[bit differs] = angle / π) were three times worse in
+candidates needed for the same recall on these features; they remain as ``gaussian``.
+
+Candidates for a query are its Hamming top-N by a full popcount scan over the codes
+(:func:`hamming_top`), re-ranked exactly from the stored vectors by the searcher. MIH (Norouzi, Punjani and Fleet, 2012)
 splits each code into m = B/16 substrings and keeps one table per substring. By
 the pigeonhole principle, a code within Hamming radius r of the query agrees
 with it on at least one substring up to radius floor(r/m), so probing the few
@@ -26,7 +33,9 @@ import numpy as np
 
 SUBSTRING_BITS = 16
 SUPPORTED_BITS = (64, 128, 256)
+PROJECTIONS = ("itq", "orthogonal", "gaussian")
 _BUCKETS = 1 << SUBSTRING_BITS
+_ITQ_ITERATIONS = 50
 
 
 def hyperplanes(dim: int, bits: int, seed: int) -> np.ndarray:
@@ -42,13 +51,99 @@ def hyperplanes(dim: int, bits: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((dim, bits)).astype(np.float32)
 
 
-def encode(vectors: np.ndarray, planes: np.ndarray) -> np.ndarray:
-    """Packs sign bits: (n, dim) → (n, bits/8) uint8, big-endian bit order within each byte."""
+def _random_rotation(dim: int, rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return q * np.sign(np.diag(r))  # a uniformly random orthogonal matrix
+
+
+def _itq(y: np.ndarray, rng: np.random.Generator, iterations: int = _ITQ_ITERATIONS) -> np.ndarray:
+    """ITQ: the rotation R minimising ||sign(Y R) − Y R||² by alternating quantisation and Procrustes."""
+    rotation = _random_rotation(y.shape[1], rng)
+    for _ in range(iterations):
+        codes = np.where(y @ rotation >= 0, 1.0, -1.0)
+        u, _, vt = np.linalg.svd(codes.T @ y)
+        rotation = (u @ vt).T
+    return rotation
+
+
+def _principal_basis(xc: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(dim, dim) orthonormal basis, principal directions of ``xc`` first (completed when n < dim)."""
+    dim = xc.shape[1]
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    basis = vt.T
+    if basis.shape[1] < dim:
+        q, _ = np.linalg.qr(np.concatenate([basis, rng.standard_normal((dim, dim - basis.shape[1]))], axis=1))
+        basis = q
+    return basis
+
+
+def fit_projection(sample: np.ndarray, bits: int, seed: int, method: str = "itq") -> tuple[np.ndarray, np.ndarray]:
+    """(planes (dim, bits) float32, offsets (bits,) float32) learned from a sample of index vectors.
+
+    ``itq``: centre, take the principal directions, rotate them by ITQ (the first ``dim``
+    bits) and by random orthogonal rotations (bits beyond ``dim``). ``orthogonal``: random
+    orthogonal rotations of the centred data. ``gaussian``: seeded Gaussian hyperplanes
+    through the origin (the first release's codes).
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"--lsh-bits must be one of {SUPPORTED_BITS}, not {bits}")
+    if method not in PROJECTIONS:
+        raise ValueError(f"LSH projection must be one of {PROJECTIONS}, not {method!r}")
+    x = np.asarray(sample, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"an LSH fit needs a (n ≥ 2, dim) sample, not {x.shape}")
+    dim = x.shape[1]
+    rng = np.random.default_rng(seed)
+    if method == "gaussian":
+        return hyperplanes(dim, bits, seed), np.zeros(bits, np.float32)
+    mean = x.mean(axis=0)
+    xc = x - mean
+    blocks, left = [], bits
+    if method == "itq":
+        basis = _principal_basis(xc, rng)
+        take = min(bits, dim)
+        blocks.append(basis[:, :take] @ _itq(xc @ basis[:, :take], rng))
+        left -= take
+    else:
+        basis = np.eye(dim)
+    while left > 0:  # random orthogonal rotations (of the principal basis, for ITQ's bits beyond dim)
+        take = min(left, dim)
+        blocks.append(basis @ _random_rotation(dim, rng)[:, :take])
+        left -= take
+    planes = np.concatenate(blocks, axis=1)[:, :bits]
+    return planes.astype(np.float32), (mean @ planes).astype(np.float32)
+
+
+def encode(vectors: np.ndarray, planes: np.ndarray, offsets: np.ndarray | None = None) -> np.ndarray:
+    """Packs sign bits of ``vectors @ planes − offsets``: (n, dim) → (n, bits/8) uint8, big-endian within a byte."""
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[1] != planes.shape[0]:
         raise ValueError(f"vectors of shape {vectors.shape} do not match hyperplanes {planes.shape}")
-    bits = vectors @ planes > 0
-    return np.packbits(bits, axis=1)
+    projected = vectors @ planes
+    if offsets is not None:
+        projected -= offsets
+    return np.packbits(projected > 0, axis=1)
+
+
+def hamming_top(query_words: np.ndarray, code_words: np.ndarray, n: int) -> np.ndarray:
+    """Ids of the ``n`` codes nearest to one query in Hamming distance, nearest first (ties by id).
+
+    A full scan: XOR and popcount over every code (``code_words`` is (n_codes, words)
+    uint64, row-major), then a counting selection over the few possible distances instead
+    of a sort, so the cost is two linear passes.
+    """
+    total = code_words.shape[0]
+    if total == 0 or n <= 0:
+        return np.zeros(0, np.int64)
+    dist = np.bitwise_count(code_words ^ query_words[None, :]).sum(axis=1, dtype=np.int32)
+    if n >= total:
+        return np.lexsort((np.arange(total), dist)).astype(np.int64)
+    counts = np.cumsum(np.bincount(dist, minlength=code_words.shape[1] * 64 + 1))
+    cut = int(np.searchsorted(counts, n))  # the distance at which the n-th code lies
+    inside = np.flatnonzero(dist < cut)
+    at_cut = np.flatnonzero(dist == cut)[: n - len(inside)]
+    chosen = np.concatenate([inside, at_cut])
+    return chosen[np.lexsort((chosen, dist[chosen]))].astype(np.int64)
 
 
 def as_words(codes: np.ndarray) -> np.ndarray:

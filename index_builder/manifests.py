@@ -344,9 +344,9 @@ class Dimension:
 class TransformInfo:
     steps: list[str]
     dims: int
-    # the transform as data (issue: an index that is data only); absent in older indexes
-    mean_file: str | None = None
+    # the transform as data (projection and bias .npy, what queries apply): never a SavedModel
     projection_file: str | None = None
+    bias_file: str | None = None
 
 
 @dataclasses.dataclass
@@ -382,7 +382,10 @@ class IndexManifest(Manifest):
     """``<index>/<version>/MANIFEST.json``: the commit point of an index version."""
 
     KIND: ClassVar[str] = "index"
-    REBUILD: ClassVar[str] = "rebuild the index with cbir index"
+    FORMAT_VERSION: ClassVar[int] = 2
+    READS: ClassVar[tuple[int, ...]] = (2,)
+    REBUILD: ClassVar[str] = ("rebuild the index with cbir index (format 2 stores the transform as data, learned "
+                              "LSH codes, HNSW graphs and calibrated search efforts)")
 
     version: str
     created_utc: str

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from annoy import AnnoyIndex
 
-from index_builder import layout, lsh
+from index_builder import calibration, hnsw, layout, lsh
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,34 @@ IDMAP_SCHEMA = pa.schema(
 DEFAULT_ON_DISK_BYTES = 2 << 30
 
 
+INDEX_TYPES = ("annoy", "lsh", "hnsw")
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardParams:
     trees: int = 50
     n_jobs: int = -1  # all cores of the worker
     on_disk_bytes: int = DEFAULT_ON_DISK_BYTES  # build Annoy in its file above this estimated index size
     seed: int = 1234
+    index_types: tuple[str, ...] = INDEX_TYPES
+    hnsw_m: int = hnsw.DEFAULT_M
+    hnsw_ef_construction: int = hnsw.DEFAULT_EF_CONSTRUCTION
+    target_recall: float = calibration.DEFAULT_TARGET  # 0 turns calibration off
+    calibration_k: int = calibration.DEFAULT_K
+    calibration_queries: int = calibration.DEFAULT_QUERIES
 
     def __post_init__(self) -> None:
         if self.trees < 1:
             raise ValueError(f"--trees must be at least 1, not {self.trees}")
         if self.on_disk_bytes < 0:
             raise ValueError("the on-disk threshold cannot be negative")
+        unknown = [t for t in self.index_types if t not in INDEX_TYPES]
+        if unknown or not self.index_types:
+            raise ValueError(f"--index-types takes a non-empty subset of {', '.join(INDEX_TYPES)}, not {unknown}")
+        if self.hnsw_m < 2 or self.hnsw_ef_construction < 1:
+            raise ValueError("--hnsw-m must be at least 2 and --hnsw-ef-construction at least 1")
+        if not 0.0 <= self.target_recall <= 1.0:
+            raise ValueError(f"--target-recall must be within 0..1, not {self.target_recall}")
 
 
 @dataclasses.dataclass
@@ -81,28 +98,53 @@ class ShardItems:
 
     @classmethod
     def from_rows(cls, rows: list[dict[str, Any]], dim: int) -> ShardItems:
-        """Sorts by image id and keeps one row per id.
+        """:meth:`from_table` for row dicts (``image_id``, ``uri``, ``label``, ``sha256``, ``feature``)."""
+        vectors = np.zeros((len(rows), dim), np.float32)
+        for i, r in enumerate(rows):
+            vectors[i] = r["feature"]
+        return cls.from_table(pa.table({
+            "image_id": pa.array([r["image_id"] for r in rows], pa.string()),
+            "uri": pa.array([r.get("uri") or "" for r in rows], pa.string()),
+            "label": pa.array([r.get("label") for r in rows], pa.string()),
+            "sha256": pa.array([r.get("sha256") or "" for r in rows], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim),
+        }), dim)
+
+    @classmethod
+    def from_table(cls, table: pa.Table, dim: int) -> ShardItems:
+        """Sorts by image id and keeps one row per id (columns as :func:`row_schema`).
 
         Two rows with one image id would make the id map ambiguous; which one wins
         must not depend on the order a runner delivers them in, so the tie is broken
         by (sha256, uri) and the drop is counted.
         """
-        rows = sorted(rows, key=lambda r: (r["image_id"], r.get("sha256") or "", r.get("uri") or ""))
-        unique = [r for i, r in enumerate(rows) if i == 0 or r["image_id"] != rows[i - 1]["image_id"]]
-        dropped = len(rows) - len(unique)
+        if table.num_rows:
+            order = pc.sort_indices(table, sort_keys=[("image_id", "ascending"), ("sha256", "ascending"),
+                                                      ("uri", "ascending")])
+            table = table.take(order)
+        ids = table.column("image_id").to_pylist()
+        keep = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
+        dropped = len(ids) - len(keep)
         if dropped:
             log.warning("%d duplicate image ids dropped (kept the lowest sha256 of each)", dropped)
-        vectors = np.zeros((len(unique), dim), dtype=np.float32)
-        for i, r in enumerate(unique):
-            vectors[i] = r["feature"]
+            table = table.take(pa.array(keep, pa.int64()))
+        col = table.column("vector").combine_chunks() if table.num_rows else None
+        vectors = (col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+                   if col is not None and len(col) else np.zeros((0, dim), np.float32))
         return cls(
-            [r["image_id"] for r in unique],
-            [r["uri"] for r in unique],
-            [r.get("label") for r in unique],
-            [r.get("sha256") or "" for r in unique],
-            vectors,
+            table.column("image_id").to_pylist(),
+            [u or "" for u in table.column("uri").to_pylist()],
+            table.column("label").to_pylist(),
+            [h or "" for h in table.column("sha256").to_pylist()],
+            np.ascontiguousarray(vectors),
             dropped,
         )
+
+
+def row_schema(dim: int) -> pa.Schema:
+    """The rows an index shard is built from: id-map columns and the transformed vector."""
+    return pa.schema([("image_id", pa.string()), ("uri", pa.string()), pa.field("label", pa.string(), nullable=True),
+                      ("sha256", pa.string()), ("vector", pa.list_(pa.float32(), dim))])
 
 
 def annoy_bytes_estimate(n: int, dim: int, trees: int) -> int:
@@ -141,23 +183,39 @@ def build_annoy(vectors: np.ndarray, path: str, params: ShardParams) -> bool:
 
 def build_shard(
     items: ShardItems, shard: int, out_dir: str, planes: np.ndarray, params: ShardParams, non_finite_skipped: int = 0,
+    offsets: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Writes every file of a shard into ``out_dir``; returns its SHARD.json content (written last)."""
+    """Writes every file of a shard into ``out_dir``; returns its SHARD.json content (written last).
+
+    Always: the float16 vectors (exact scoring) and the id map; per index type in
+    ``params.index_types``: Annoy trees, LSH codes with their MIH tables, an HNSW graph.
+    Then each type's search effort is calibrated on the shard's own items.
+    """
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.monotonic()
     n, dim = items.vectors.shape
     if planes.shape[0] != dim:
         raise ValueError(f"LSH hyperplanes are {planes.shape[0]}-d, the vectors {dim}-d")
-    on_disk = build_annoy(items.vectors, os.path.join(out_dir, layout.ANNOY_FILE), params)
-    t_annoy = time.monotonic() - t0
-    np.save(os.path.join(out_dir, layout.VECTORS_FILE), items.vectors.astype(np.float16))
-    t1 = time.monotonic()
-    codes = lsh.encode(items.vectors, planes)
-    tables = lsh.MIHTables.build(codes)
-    np.save(os.path.join(out_dir, layout.CODES_FILE), codes)
-    np.save(os.path.join(out_dir, layout.MIH_OFFSETS_FILE), tables.offsets)
-    np.save(os.path.join(out_dir, layout.MIH_IDS_FILE), tables.ids)
-    t_lsh = time.monotonic() - t1
+    seconds: dict[str, float] = {}
+    on_disk = False
+    if "annoy" in params.index_types:
+        on_disk = build_annoy(items.vectors, os.path.join(out_dir, layout.ANNOY_FILE), params)
+        seconds["annoy"] = round(time.monotonic() - t0, 3)
+    vectors16 = items.vectors.astype(np.float16)
+    np.save(os.path.join(out_dir, layout.VECTORS_FILE), vectors16)
+    codes = None
+    if "lsh" in params.index_types:
+        t1 = time.monotonic()
+        codes = lsh.encode(items.vectors, planes, offsets)
+        tables = lsh.MIHTables.build(codes)
+        np.save(os.path.join(out_dir, layout.CODES_FILE), codes)
+        np.save(os.path.join(out_dir, layout.MIH_OFFSETS_FILE), tables.offsets)
+        np.save(os.path.join(out_dir, layout.MIH_IDS_FILE), tables.ids)
+        seconds["lsh"] = round(time.monotonic() - t1, 3)
+    if "hnsw" in params.index_types:
+        t1 = time.monotonic()
+        hnsw.build(items.vectors, os.path.join(out_dir, hnsw.HNSW_FILE), params.hnsw_m, params.hnsw_ef_construction)
+        seconds["hnsw"] = round(time.monotonic() - t1, 3)
     idmap = pa.Table.from_arrays(
         [
             pa.array(np.arange(n, dtype=np.int32)),
@@ -169,25 +227,85 @@ def build_shard(
         schema=IDMAP_SCHEMA,
     )
     pq.write_table(idmap, os.path.join(out_dir, layout.IDMAP_FILE))
+    t1 = time.monotonic()
+    calibrated = calibrate_shard(out_dir, items.vectors, vectors16, codes, planes, offsets, shard, params)
+    seconds["calibration"] = round(time.monotonic() - t1, 3)
     files = {}
     for name in sorted(os.listdir(out_dir)):
         if name == layout.SHARD_INFO:
             continue
         digest, size = layout.sha256_file(os.path.join(out_dir, name))
         files[name] = {"sha256": digest, "bytes": size}
+    seconds["total"] = round(time.monotonic() - t0, 3)
     info = {
         "shard": shard,
         "items": n,
         "dimension": dim,
         "duplicates_dropped": items.duplicates_dropped,
         "non_finite_skipped": non_finite_skipped,
+        "index_types": list(params.index_types),
         "annoy": {"trees": params.trees, "on_disk_build": on_disk,
-                  "estimated_bytes": annoy_bytes_estimate(n, dim, params.trees)},
+                  "estimated_bytes": annoy_bytes_estimate(n, dim, params.trees)} if "annoy" in params.index_types
+        else None,
+        "hnsw": {"m": params.hnsw_m, "ef_construction": params.hnsw_ef_construction}
+        if "hnsw" in params.index_types else None,
         "lsh_bits": int(planes.shape[1]),
+        "calibration": calibrated,
         "files": files,
-        "seconds": {"annoy": round(t_annoy, 3), "lsh": round(t_lsh, 3), "total": round(time.monotonic() - t0, 3)},
+        "seconds": seconds,
     }
     with open(os.path.join(out_dir, layout.SHARD_INFO), "w") as f:
         json.dump(info, f, indent=2, sort_keys=True)
-    log.info("shard %d: %d items, annoy %.1fs%s", shard, n, t_annoy, " (on disk)" if on_disk else "")
+    log.info("shard %d: %d items, %s", shard, n, ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
     return info
+
+
+def calibrate_shard(out_dir: str, vectors: np.ndarray, vectors16: np.ndarray, codes: np.ndarray | None,
+                    planes: np.ndarray, offsets: np.ndarray | None, shard: int, params: ShardParams
+                    ) -> dict[str, Any] | None:
+    """Per index type, the smallest effort reaching ``params.target_recall`` on held-out items of this shard."""
+    n = len(vectors)
+    k = params.calibration_k
+    if params.target_recall <= 0 or n <= k + 1:
+        return None
+    query_ids = calibration.held_out_queries(n, params.calibration_queries, params.seed + shard)
+    truth = calibration.exact_neighbours(vectors, query_ids, k)
+    out: dict[str, Any] = {"k": k, "target_recall": params.target_recall, "queries": int(len(query_ids))}
+    if "hnsw" in params.index_types:
+        index = hnsw.open_mapped(os.path.join(out_dir, hnsw.HNSW_FILE))
+        grid = [e for e in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048) if e >= k + 1]
+        found = calibration.calibrate(lambda q, m, ef: hnsw.search(index, q, m, ef)[0], grid, vectors, query_ids,
+                                      truth, params.target_recall)
+        out["hnsw"] = found.to_dict("ef_search")
+    if "annoy" in params.index_types:
+        index = AnnoyIndex(vectors.shape[1], layout.METRIC)
+        index.load(os.path.join(out_dir, layout.ANNOY_FILE))
+        grid = calibration.geometric_grid(params.trees * (k + 1), params.trees * n * 2, 1.6)
+
+        def annoy_search(q, m, search_k):
+            ids = np.full((len(q), m), -1, np.int64)
+            for row, vec in enumerate(q.tolist()):
+                r = index.get_nns_by_vector(vec, m, search_k=search_k)
+                ids[row, : len(r)] = r
+            return ids
+
+        out["annoy"] = calibration.calibrate(annoy_search, grid, vectors, query_ids, truth,
+                                             params.target_recall).to_dict("search_k")
+        index.unload()
+    if codes is not None:
+        words = lsh.as_words(codes)
+        grid = calibration.geometric_grid(2 * k, n, 1.5)
+
+        def lsh_search(q, m, candidates):
+            qwords = lsh.as_words(lsh.encode(q, planes, offsets))
+            ids = np.full((len(q), m), -1, np.int64)
+            for row in range(len(q)):
+                cand = lsh.hamming_top(qwords[row], words, candidates)
+                scores = np.asarray(vectors16[cand], np.float32) @ q[row]
+                top = cand[np.argsort(-scores, kind="stable")[:m]]
+                ids[row, : len(top)] = top
+            return ids
+
+        out["lsh"] = calibration.calibrate(lsh_search, grid, vectors, query_ids, truth,
+                                           params.target_recall).to_dict("candidates")
+    return out

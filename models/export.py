@@ -17,7 +17,8 @@ Signatures (all batched on the first axis):
 ``serving_default``  ``images`` string [None] → ``features`` float32 [None, D], ``model_fingerprint`` string [None]
 ``pixels``           ``pixels`` float32 [None, S, S, 3] in [0, 255] → ``features`` float32 [None, D]
 ``transformed``      (with an index) ``images`` → ``features`` float32 [None, D_out] after the index's
-                     ``transform_fn``, plus ``model_fingerprint``, ``index_version``, ``transform_fingerprint``
+                     transform (stored as data: projection and bias), plus ``model_fingerprint``,
+                     ``index_version``, ``transform_fingerprint``
 
 The bytes signatures return the fingerprint with every vector, so a client checks
 the model that actually computed the vectors it got, even while TF Serving swaps
@@ -79,11 +80,13 @@ class ExportError(RuntimeError):
 class IndexTransform:
     """The part of an index version the ``transformed`` signature embeds."""
 
-    version_dir: str  # holds transform_fn/ and transformed_metadata/
+    version_dir: str
     version: str
     model_fingerprint: str
     transform_fingerprint: str  # serving.searcher.transform_fingerprint() of the index manifest
     dimension: int  # output dimension of the transform
+    projection: Any = None  # (D_in, D_out) float32, or None for the L2 step alone
+    bias: Any = None  # (D_out,) float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,18 +383,22 @@ def _servable(backbone: Backbone, fingerprint: str, max_pixels: int, reduced_dec
     signatures = {BYTES_SIGNATURE: bytes_fn, PIXELS_SIGNATURE: pixels_fn}
 
     if index is not None:
-        import tensorflow_transform as tft
+        # The index's transform as data (projection and bias, read and checked at build time): the
+        # export never loads a SavedModel that came with an index.
+        projection = None if index.projection is None else tf.constant(index.projection, tf.float32)
+        bias = None if index.bias is None else tf.constant(index.bias, tf.float32)
 
-        # Fed only "feature": tf.Transform prunes the graph to the outputs that depend on what is fed,
-        # so the provenance columns the index job passes through are not needed here.
-        module.tft_layer = tft.TFTransformOutput(index.version_dir).transform_features_layer()
-        layer = module.tft_layer
+        def transform(x):
+            x = tf.math.l2_normalize(x, axis=1)
+            if projection is None:
+                return x
+            return tf.math.l2_normalize(tf.matmul(x, projection) + bias, axis=1)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)], autograph=False)
         def transformed_fn(images):
-            inputs = {"feature": features(decode_batch(images, size, max_pixels, reduced_decode))}
+            raw = features(decode_batch(images, size, max_pixels, reduced_decode))
             return {
-                FEATURES_OUTPUT: tf.cast(layer(inputs)["feature"], tf.float32),
+                FEATURES_OUTPUT: transform(raw),
                 FINGERPRINT_OUTPUT: fill(fingerprint, images),
                 INDEX_VERSION_OUTPUT: fill(index.version, images),
                 TRANSFORM_FINGERPRINT_OUTPUT: fill(index.transform_fingerprint, images),
@@ -483,7 +490,7 @@ def export_savedmodel(
     if index is not None and index.model_fingerprint != fingerprint:
         raise ExportError(
             f"the index {index.version} was built with model fingerprint {index.model_fingerprint}, but "
-            f"{spec.name} has {fingerprint}: its transform_fn does not fit this model's features"
+            f"{spec.name} has {fingerprint}: its transform does not fit this model's features"
         )
     backbone = Backbone(spec)
     module, signatures = _servable(backbone, fingerprint, max_pixels, reduced_decode, index)

@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
+
+from pipelines.quiet import quiet_known_noise, quiet_tensorflow
 
 log = logging.getLogger("cbir")
 
@@ -64,38 +65,9 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
             WeightsNotFoundError, ModelMismatchError, TransformMismatchError)
 
 
-def _quiet_tensorflow(verbose: bool) -> None:
-    """TensorFlow's C++ start-up lines (oneDNN, CUDA probing) are noise unless asked for.
-
-    ``TF_CPP_MIN_LOG_LEVEL`` silences what TensorFlow logs once its logging is set up; the
-    lines absl writes while the libraries load ("All log messages before
-    absl::InitializeLog() ...", "Could not find cuda drivers") ignore it, so the first
-    import runs with file descriptor 2 pointed at /dev/null. Python errors of that import
-    are raised after stderr is restored, so nothing that matters is lost.
-    """
-    if verbose:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
-        return
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    if "tensorflow" in sys.modules:
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        importlib.import_module("tensorflow")
-        importlib.import_module("apache_beam.ml.inference.tensorflow_inference")
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_tensorflow("-v" in argv or "--verbose" in argv)
+    quiet_tensorflow("-v" in argv or "--verbose" in argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(
@@ -103,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("apache_beam", "absl", "tensorflow", "h5py"):
+    quiet_known_noise()
+    for noisy in ("apache_beam", "absl", "tensorflow", "h5py", "faiss"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     from pipelines.runner import check_beam_args
 

@@ -18,6 +18,8 @@ import time
 
 from PIL import Image, ImageEnhance, ImageOps
 
+from pipelines.quiet import quiet_known_noise, quiet_tensorflow
+
 log = logging.getLogger("cbir.demo")
 
 SAMPLE_PHOTOS = (
@@ -102,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", type=int, default=64)
     parser.add_argument("--queries", type=int, default=4)
     args, beam_args = parser.parse_known_args(argv)
+    quiet_tensorflow()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("apache_beam", "absl", "tensorflow", "root"):
+    quiet_known_noise()
+    for noisy in ("apache_beam", "absl", "tensorflow", "root", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from models.backbone import ModelSpec

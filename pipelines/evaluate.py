@@ -46,7 +46,7 @@ class EvaluateConfig:
     index: str
     version: str | None = None
     search: SearchOptions = dataclasses.field(default_factory=SearchOptions)
-    methods: tuple[str, ...] = ("annoy", "lsh")
+    methods: tuple[str, ...] = ()  # () : every approximate type the index has
     sample: int = 0  # 0: every item is a query
     seed: int = 0
     verify: bool = True
@@ -70,7 +70,8 @@ def timed_search(searcher: Searcher, vectors: np.ndarray, exclude: np.ndarray, o
 
 def evaluate(searcher: Searcher, cfg: EvaluateConfig) -> dict[str, Any]:
     """The report of one index version (see the module docstring)."""
-    for m in cfg.methods:
+    approx = cfg.methods or tuple(m for m in searcher.available_methods if m != "exact")
+    for m in approx:
         if m == "exact":
             raise ValueError("--methods lists approximate methods; exact search is always measured")
         dataclasses.replace(cfg.search, method=m).validate(searcher.available_methods)
@@ -89,7 +90,7 @@ def evaluate(searcher: Searcher, cfg: EvaluateConfig) -> dict[str, Any]:
     ks = tuple(x for x in PRECISION_KS if x <= k)
     exact_lists = metrics.list_metrics(exact_ids, queries, searcher.labels, ks)
     methods: dict[str, Any] = {"exact": {"recall@k": 1.0, "qps": exact_qps, **_lists(exact_lists)}}
-    for m in cfg.methods:
+    for m in approx:
         ids, _, qps = timed_search(searcher, qv, queries, dataclasses.replace(base, method=m))
         recall = metrics.recall_at_k(ids, exact_ids)
         lists = metrics.list_metrics(ids, queries, searcher.labels, ks)
@@ -213,8 +214,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--index", required=True)
     p.add_argument("--version", default=None, help="index version (default: LATEST)")
     add_search_args(p)
-    p.add_argument("--methods", default="annoy,lsh",
-                   help="approximate methods to measure, comma-separated (annoy, lsh, hnsw, both, a+b)")
+    p.add_argument("--methods", default="",
+                   help="approximate methods to measure, comma-separated (hnsw, annoy, lsh, both, a+b); "
+                        "default: every type the index has")
     p.add_argument("--sample", type=non_negative_int, default=0, help="use N random items as queries (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -59,23 +59,23 @@ def parse_version(value: str, output: str) -> int:
 
 
 def index_transform(index_dir: str, version: str | None = None) -> IndexTransform:
-    """The index version whose transform_fn the ``transformed`` signature embeds.
+    """The index version whose transform (as data) the ``transformed`` signature embeds.
 
-    Checks the manifest and the digests of the transform_fn files only: the shards
-    (possibly gigabytes) play no part in the export.
+    Checks the manifest and the digests of the transform data only: the shards (possibly
+    gigabytes) play no part in the export, and no SavedModel of the index is loaded.
     """
     version, m = index_files.resolve(index_dir, version)
     version_dir = os.path.join(index_dir, version)
-    prefix = layout.TRANSFORM_DIR + "/"
-    if not any(k.startswith(prefix) for k in m.files):
-        raise ExportError(f"{version_dir}: the manifest lists no {prefix} files")
-    index_files.verify_files(version_dir, m, full=True, prefix=prefix)
+    index_files.verify_files(version_dir, m, full=True, prefix=layout.TRANSFORM_DATA_DIR + "/")
+    transform = index_files.load_transform(version_dir, m)
     return IndexTransform(
         version_dir=version_dir,
         version=version,
         model_fingerprint=m.model_fingerprint,
         transform_fingerprint=transform_fingerprint(m),
         dimension=m.dimension.output,
+        projection=transform.projection,
+        bias=transform.bias,
     )
 
 

@@ -31,32 +31,40 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from index_builder import layout, lsh
+from index_builder import calibration, hnsw, layout, lsh
 from index_builder.manifests import (
     Accounting,
     AnnoyParams,
     Dimension,
     FeaturesManifest,
     FileDigest,
+    HnswParams,
     IndexManifest,
     LshParams,
     TransformInfo,
     utc_now,
 )
-from index_builder.shard import DEFAULT_ON_DISK_BYTES, ShardParams
+from index_builder.shard import DEFAULT_ON_DISK_BYTES, INDEX_TYPES, ShardParams
+from index_builder.transform import (
+    BIAS_FILE,
+    CHECK_TOLERANCE,
+    PROJECTION_FILE,
+    VectorTransform,
+    max_difference,
+    probe_matrices,
+)
 from pipelines.runner import pipeline_options
 from transforms import fsutil, job_metrics
 from transforms import publish as protocol
 from transforms.feature_sets import feature_files, read_features_manifest
 from transforms.index_build import (
     ATTEMPTS,
-    NON_FINITE_TAG,
+    STRING_COLUMNS,
     BuildShardFn,
-    KeyByShardFn,
-    ToInstancesFn,
-    key_skipped,
+    FitBatchesFn,
+    TransformAndKeyFn,
     make_preprocessing_fn,
-    raw_feature_spec,
+    tensor_adapter_config,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +88,12 @@ class IndexConfig:
     keep_versions: int = 3  # complete versions kept after a publish (LATEST's always is)
     annoy_on_disk_bytes: int = DEFAULT_ON_DISK_BYTES  # build a shard's Annoy in its file above this size
     stale_after_seconds: float = 24 * 3600  # a build unpublished this long is dead: its folders may go
+    index_types: tuple[str, ...] = INDEX_TYPES
+    hnsw_m: int = hnsw.DEFAULT_M
+    hnsw_ef_construction: int = hnsw.DEFAULT_EF_CONSTRUCTION
+    target_recall: float = calibration.DEFAULT_TARGET  # 0: no calibration (library defaults)
+    lsh_projection: str = "itq"
+    lsh_sample: int = 20_000  # vectors the LSH projection is fitted on
 
     def validate(self) -> None:
         if self.lsh_bits not in lsh.SUPPORTED_BITS:
@@ -92,14 +106,18 @@ class IndexConfig:
             raise ValueError("--trees must be at least 1")
         if self.keep_versions < 1:
             raise ValueError("keep_versions must be at least 1: the published version is always kept")
+        if self.lsh_projection not in lsh.PROJECTIONS:
+            raise ValueError(f"--lsh-projection must be one of {', '.join(lsh.PROJECTIONS)}")
+        self.shard_params()  # checks the index types, HNSW and calibration settings
+
+    def shard_params(self) -> ShardParams:
+        return ShardParams(trees=self.trees, seed=self.seed, on_disk_bytes=self.annoy_on_disk_bytes,
+                           index_types=tuple(self.index_types), hnsw_m=self.hnsw_m,
+                           hnsw_ef_construction=self.hnsw_ef_construction, target_recall=self.target_recall)
 
 
 def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> IndexManifest:
-    """Builds, publishes and cleans up; returns the published manifest."""
-    import tensorflow as tf  # noqa: F401  (tf.Transform needs it loaded)
-    import tensorflow_transform.beam as tft_beam
-    from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
-
+    """Fits the transform, builds the shards, publishes and cleans up; returns the published manifest."""
     cfg.validate()
     features_manifest = read_features_manifest(cfg.features)
     files = feature_files(cfg.features, features_manifest)
@@ -114,42 +132,32 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> IndexManifest:
         log.warning("only %d items for a %d-d PCA: trailing axes will be noise", n_items, dim_out)
     version = layout.new_version()
     staging = fsutil.join(cfg.output, layout.STAGING, version)  # GC'd by version name, not by run (collect_garbage)
-    planes = lsh.hyperplanes(dim_out, cfg.lsh_bits, cfg.seed)
-    params = ShardParams(trees=cfg.trees, seed=cfg.seed, on_disk_bytes=cfg.annoy_on_disk_bytes)
     started = time.time()
-    metadata = dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(raw_feature_spec(dim_in)))
-    log.info("index %d items from %s -> %s (%s, %d shards)", n_items, cfg.features, cfg.output, version,
-             cfg.shards)
-    with tempfile.TemporaryDirectory(prefix="cbir-tft-") as tft_tmp:
-        p = beam.Pipeline(options=pipeline_options(beam_args))
-        with tft_beam.Context(temp_dir=_tft_temp(beam_args, tft_tmp)):
-            instances = (
-                p
-                | "Files" >> beam.Create(files)
-                | "ReadParquet" >> beam.io.ReadAllFromParquetBatched()
-                | "ToInstances" >> beam.ParDo(ToInstancesFn()).with_outputs(NON_FINITE_TAG, main="rows")
-            )
-            rows = instances.rows
-            skipped = instances[NON_FINITE_TAG] | "KeySkipped" >> beam.Map(key_skipped, cfg.shards)
-            (transformed, _), transform_fn = (rows, metadata) | "FitTransform" >> tft_beam.AnalyzeAndTransformDataset(
-                make_preprocessing_fn(dim_out if cfg.dims else 0)
-            )
-            _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(staging)
-            keyed = transformed | "KeyByShard" >> beam.ParDo(KeyByShardFn(cfg.shards))
-            every_shard = p | "AllShards" >> beam.Create([(s, None) for s in range(cfg.shards)])
-            (
-                (keyed, skipped, every_shard)
-                | "Merge" >> beam.Flatten()
-                | "GroupByShard" >> beam.GroupByKey()
-                | "BuildShard" >> beam.ParDo(BuildShardFn(staging, dim_out, planes, params))
-            )
-        result = p.run()
-        result.wait_until_finish()
-    _write_npy(fsutil.join(staging, layout.LSH_PLANES), planes)
+    log.info("index %d items from %s -> %s (%s, %d shards, %s)", n_items, cfg.features, cfg.output, version,
+             cfg.shards, "+".join(cfg.index_types))
+    fit_result = _fit(cfg, files, dim_in, dim_out if cfg.dims else 0, staging, beam_args)
+    transform, planes, offsets = _transform_as_data(cfg, staging, dim_in, dim_out)
+    p = beam.Pipeline(options=pipeline_options(beam_args))
+    every_shard = p | "AllShards" >> beam.Create([(s, None) for s in range(cfg.shards)])
+    keyed = (
+        p
+        | "Files" >> beam.Create(files)
+        | "ReadParquet" >> beam.io.ReadAllFromParquetBatched(columns=[*STRING_COLUMNS, "feature"])
+        | "TransformAndKey" >> beam.ParDo(TransformAndKeyFn(transform, cfg.shards))
+    )
+    (
+        (keyed, every_shard)
+        | "Merge" >> beam.Flatten()
+        | "GroupByShard" >> beam.GroupByKey()
+        | "BuildShard" >> beam.ParDo(BuildShardFn(staging, dim_out, planes, offsets, cfg.shard_params()))
+    )
+    result = p.run()
+    result.wait_until_finish()
     elapsed = time.time() - started
-    counters = job_metrics.collect(result, ("cbir_index",), distributions=False)
+    counters = {**job_metrics.collect(fit_result, ("cbir_index",), distributions=False),
+                **job_metrics.collect(result, ("cbir_index",), distributions=False)}
     try:
-        manifest = publish(cfg, version, staging, features_manifest, dim_in, dim_out, elapsed, counters)
+        manifest = publish(cfg, version, staging, features_manifest, dim_in, dim_out, elapsed, counters, transform)
     except protocol.PublishRefusedError:
         protocol.discard_staging(staging)  # a refused build is dead: nothing of it is worth keeping
         raise
@@ -158,6 +166,76 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> IndexManifest:
     except Exception as exc:  # the new version is published; a failed cleanup must not undo that
         log.warning("could not clean up old versions under %s: %s", cfg.output, exc)
     return manifest
+
+
+def _fit(cfg: IndexConfig, files: list[str], dim_in: int, dims: int, staging: str, beam_args: list[str] | None):
+    """Pass 1: tf.Transform's analysers over Arrow batches → ``staging/transform_fn``; the LSH sample → .npy."""
+    import tensorflow as tf  # noqa: F401  (tf.Transform needs it loaded)
+    import tensorflow_transform.beam as tft_beam
+
+    with tempfile.TemporaryDirectory(prefix="cbir-tft-") as tft_tmp:
+        p = beam.Pipeline(options=pipeline_options(beam_args))
+        with tft_beam.Context(temp_dir=_tft_temp(beam_args, tft_tmp)):
+            batches = (
+                p
+                | "Files" >> beam.Create(files)
+                | "ReadParquet" >> beam.io.ReadAllFromParquetBatched(columns=["image_id", "feature"])
+                | "ToBatches" >> beam.ParDo(FitBatchesFn(cfg.lsh_sample)).with_outputs(FitBatchesFn.SAMPLE_TAG,
+                                                                                         main="batches")
+            )
+            transform_fn = (batches.batches, tensor_adapter_config(dim_in)) | "Analyze" >> tft_beam.AnalyzeDataset(
+                make_preprocessing_fn(dims))
+            _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(staging)
+            (
+                batches[FitBatchesFn.SAMPLE_TAG]
+                | "Sample" >> beam.combiners.Top.Smallest(cfg.lsh_sample, key=lambda kv: kv[0])
+                | "WriteSample" >> beam.Map(_write_sample, fsutil.join(staging, SAMPLE_FILE))
+            )
+        result = p.run()
+        result.wait_until_finish()
+    return result
+
+
+SAMPLE_FILE = "_lsh_sample.npy"  # raw vectors the LSH projection is fitted on; not part of the version
+
+
+def _write_sample(pairs: list[tuple[int, np.ndarray]], path: str) -> None:
+    _write_npy(path, np.stack([v for _, v in pairs]).astype(np.float32))
+
+
+def _transform_as_data(cfg: IndexConfig, staging: str, dim_in: int, dim_out: int
+                       ) -> tuple[VectorTransform, np.ndarray, np.ndarray]:
+    """Reads the fitted transform off our own transform_fn, checks it, fits LSH; writes both as .npy."""
+    import tensorflow as tf
+    import tensorflow_transform as tft
+
+    local = fsutil.localise_tree(staging) if "://" in staging else staging
+    graph = tft.TFTransformOutput(local)  # the SavedModel this very job just wrote: ours to load
+
+    def run_graph(x: np.ndarray, output: str) -> np.ndarray:
+        out = graph.transform_raw_features({"feature": tf.constant(np.asarray(x, np.float32))},
+                                           drop_unused_features=True)
+        return out[output].numpy()
+
+    sample = np.load(io.BytesIO(fsutil.read_bytes(fsutil.join(staging, SAMPLE_FILE))))
+    fsutil.delete_quietly([fsutil.join(staging, SAMPLE_FILE)])
+    if cfg.dims:
+        projection, bias = probe_matrices(lambda x: run_graph(x, "projected"), dim_in)
+        transform = VectorTransform(projection, bias)
+        _write_npy(fsutil.join(staging, layout.TRANSFORM_DATA_DIR, PROJECTION_FILE), projection)
+        _write_npy(fsutil.join(staging, layout.TRANSFORM_DATA_DIR, BIAS_FILE), bias)
+    else:
+        transform = VectorTransform()
+    check = sample[:512]
+    diff = max_difference(transform(check), run_graph(check, "feature"))
+    if diff > CHECK_TOLERANCE:
+        raise IndexBuildError(f"the transform as data differs from transform_fn by {diff:.2e} (more than "
+                              f"{CHECK_TOLERANCE:g}) on {len(check)} rows: nothing was published")
+    log.info("transform as data matches transform_fn on %d rows (max |diff| %.1e)", len(check), diff)
+    planes, offsets = lsh.fit_projection(transform(sample), cfg.lsh_bits, cfg.seed, cfg.lsh_projection)
+    _write_npy(fsutil.join(staging, layout.LSH_PLANES), planes)
+    _write_npy(fsutil.join(staging, layout.LSH_OFFSETS), offsets)
+    return transform, planes, offsets
 
 
 def _tft_temp(beam_args: list[str] | None, local: str) -> str:
@@ -215,6 +293,7 @@ def publish(
     dim_out: int,
     elapsed: float,
     metrics: dict[str, int] | None = None,
+    transform: VectorTransform | None = None,
 ) -> IndexManifest:
     """Checks the build's counts, moves it into ``<output>/<version>``, commits its manifest, switches ``LATEST``."""
     attempts = choose_attempts(staging, cfg.shards)
@@ -232,7 +311,7 @@ def publish(
             moves.append((fsutil.join(folder, name), f"{layout.shard_dir(s)}/{name}"))
         files[f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"] = _digest(fsutil.join(folder, layout.SHARD_INFO))
         moves.append((fsutil.join(folder, layout.SHARD_INFO), f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"))
-    for sub in (layout.TRANSFORM_DIR, layout.TRANSFORMED_METADATA_DIR):
+    for sub in (layout.TRANSFORM_DIR, layout.TRANSFORMED_METADATA_DIR, layout.TRANSFORM_DATA_DIR):
         found = fsutil.match(fsutil.join(staging, sub, "**"))
         if sub == layout.TRANSFORM_DIR and not found:
             raise IndexBuildError(f"{staging} has no {sub}/: the tf.Transform fit did not complete")
@@ -240,15 +319,23 @@ def publish(
             rel = path[len(staging) + 1:]
             files[rel] = _digest(path)
             moves.append((path, rel))
-    files[layout.LSH_PLANES] = _digest(fsutil.join(staging, layout.LSH_PLANES))
-    moves.append((fsutil.join(staging, layout.LSH_PLANES), layout.LSH_PLANES))
+    for name in (layout.LSH_PLANES, layout.LSH_OFFSETS):
+        files[name] = _digest(fsutil.join(staging, name))
+        moves.append((fsutil.join(staging, name), name))
     total = sum(i["items"] for i in infos)
+    types = list(cfg.index_types)
+    has_projection = transform is not None and transform.projection is not None
     manifest = IndexManifest(
         version=version,
         created_utc=utc_now(),
         metric=layout.METRIC,
         dimension=Dimension(dim_in, dim_out),
-        transform=TransformInfo(["l2", "pca", "l2"] if cfg.dims else ["l2"], cfg.dims),
+        transform=TransformInfo(
+            ["l2", "pca", "l2"] if cfg.dims else ["l2"], cfg.dims,
+            projection_file=f"{layout.TRANSFORM_DATA_DIR}/{PROJECTION_FILE}" if has_projection else None,
+            bias_file=f"{layout.TRANSFORM_DATA_DIR}/{BIAS_FILE}" if has_projection else None,
+        ),
+        index_types=types,
         shards=cfg.shards,
         sharding=SHARDING,
         items=total,
@@ -259,10 +346,16 @@ def publish(
         features_run_id=features_manifest.run_id,
         annoy=AnnoyParams(
             trees=cfg.trees, metric=layout.METRIC, seed=cfg.seed,
-            search_k=layout.recommended_search_k(max(i["items"] for i in infos), cfg.trees),
-            on_disk_build_shards=[s for s, i in enumerate(infos) if i.get("annoy", {}).get("on_disk_build")],
-        ),
-        lsh=LshParams(bits=cfg.lsh_bits, seed=cfg.seed, substring_bits=lsh.SUBSTRING_BITS),
+            search_k=_calibrated_max(infos, "annoy", "search_k", -1),
+            on_disk_build_shards=[s for s, i in enumerate(infos) if (i.get("annoy") or {}).get("on_disk_build")],
+            calibration=_calibration_summary(infos, "annoy", cfg),
+        ) if "annoy" in types else None,
+        lsh=LshParams(bits=cfg.lsh_bits, seed=cfg.seed, substring_bits=lsh.SUBSTRING_BITS, method=cfg.lsh_projection,
+                      candidates=_calibrated_max(infos, "lsh", "candidates", None),
+                      calibration=_calibration_summary(infos, "lsh", cfg)) if "lsh" in types else None,
+        hnsw=HnswParams(m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction,
+                        ef_search=_calibrated_max(infos, "hnsw", "ef_search", hnsw.DEFAULT_EF_SEARCH),
+                        calibration=_calibration_summary(infos, "hnsw", cfg)) if "hnsw" in types else None,
         metrics=metrics or {},
         elapsed_seconds=round(elapsed, 3),
         bytes=sum(f.bytes for f in files.values()),
@@ -277,6 +370,27 @@ def publish(
     fsutil.write_json_atomic(fsutil.join(cfg.output, layout.POINTER), {"version": version})
     log.info("published %s: %d items in %d shards, %.1f MB", version, total, cfg.shards, manifest.bytes / 1e6)
     return manifest
+
+
+def _calibrated_max(infos: list[dict[str, Any]], kind: str, key: str, default: Any) -> Any:
+    """The largest calibrated effort over the shards (what a caller without per-shard values should use)."""
+    values = [(i.get("calibration") or {}).get(kind, {}).get(key) for i in infos]
+    values = [v for v in values if v is not None]
+    return max(values) if values else default
+
+
+def _calibration_summary(infos: list[dict[str, Any]], kind: str, cfg: IndexConfig) -> dict[str, Any] | None:
+    """What calibration chose and measured, per shard, for one index type (None when it did not run)."""
+    per_shard = [(i.get("calibration") or {}).get(kind) for i in infos]
+    if not any(per_shard):
+        return None
+    measured = [p for p in per_shard if p]
+    return {
+        "target_recall": cfg.target_recall, "k": calibration.DEFAULT_K,
+        "per_shard": per_shard,
+        "min_recall": min(p["recall"] for p in measured),
+        "reached_target": all(p["reached_target"] for p in measured),
+    }
 
 
 def _check_in_place(final: str, files: dict[str, FileDigest]) -> None:
@@ -330,7 +444,7 @@ def collect_garbage(
 
 
 def register(subparsers: Any) -> None:
-    from pipelines.options import non_negative_int, positive_int
+    from pipelines.options import fraction, non_negative_int, positive_int
 
     ix = subparsers.add_parser("index", help="features → sharded Annoy + LSH index version")
     ix.add_argument("--features", required=True, help="an extract output folder")
@@ -346,6 +460,15 @@ def register(subparsers: Any) -> None:
                     help="build a shard's Annoy in its file (not RAM) above this estimated size")
     ix.add_argument("--stale-after-hours", type=float, default=24.0,
                     help="unpublished builds older than this are cleaned up")
+    ix.add_argument("--index-types", default=",".join(INDEX_TYPES),
+                    help=f"comma-separated subset of {','.join(INDEX_TYPES)} (default all)")
+    ix.add_argument("--hnsw-m", type=positive_int, default=hnsw.DEFAULT_M, help="HNSW links per node")
+    ix.add_argument("--hnsw-ef-construction", type=positive_int, default=hnsw.DEFAULT_EF_CONSTRUCTION,
+                    help="HNSW candidate list while building")
+    ix.add_argument("--target-recall", type=fraction, default=calibration.DEFAULT_TARGET,
+                    help="recall@10 each index type is calibrated to per shard (0: no calibration)")
+    ix.add_argument("--lsh-projection", choices=lsh.PROJECTIONS, default="itq",
+                    help="how LSH hyperplanes are made (itq: learned PCA-ITQ rotation)")
     ix.set_defaults(handler=main, beam=True)
 
 
@@ -354,6 +477,9 @@ def main(args: Any, beam_args: list[str]) -> int:
         features=args.features, output=args.output, shards=args.shards, dims=args.dims, trees=args.trees,
         lsh_bits=args.lsh_bits, seed=args.seed, keep_versions=args.keep_versions,
         stale_after_seconds=args.stale_after_hours * 3600,
+        index_types=tuple(t.strip() for t in args.index_types.split(",") if t.strip()),
+        hnsw_m=args.hnsw_m, hnsw_ef_construction=args.hnsw_ef_construction, target_recall=args.target_recall,
+        lsh_projection=args.lsh_projection,
         **({"annoy_on_disk_bytes": args.annoy_on_disk_mb << 20} if args.annoy_on_disk_mb else {}),
     )
     print_summary(run(cfg, beam_args))
@@ -362,6 +488,13 @@ def main(args: Any, beam_args: list[str]) -> int:
 
 def print_summary(m: IndexManifest) -> None:
     rate = m.items / m.elapsed_seconds if m.elapsed_seconds else 0
-    print(f"index: {m.version}: {m.items} items in {m.shards} shard(s), "
+    print(f"index: {m.version}: {m.items} items in {m.shards} shard(s) ({'+'.join(m.index_types)}), "
           f"{m.dimension.input}→{m.dimension.output} dims, {m.bytes / 1e6:.1f} MB, "
           f"{m.elapsed_seconds:.1f}s ({rate:.0f} items/s)")
+    for kind, key in (("hnsw", "ef_search"), ("annoy", "search_k"), ("lsh", "candidates")):
+        params = getattr(m, kind)
+        cal = params.calibration if params else None
+        if cal:
+            values = [p[key] for p in cal["per_shard"] if p]
+            print(f"  {kind}: {key} {min(values)}–{max(values)} per shard for recall@{cal['k']} ≥ "
+                  f"{cal['target_recall']} (lowest measured {cal['min_recall']:.3f})")

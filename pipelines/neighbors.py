@@ -107,7 +107,7 @@ def run(cfg: NeighborsConfig, beam_args: list[str] | None = None) -> NeighborsMa
         raise ValueError("--output must not be the index folder")
     version, index_manifest = index_files.resolve(cfg.index, cfg.version)
     available = ("exact", *index_manifest.index_types)
-    cfg.options.search.validate(available)
+    cfg.options = dataclasses.replace(cfg.options, search=cfg.options.search.resolve(available))
     work = chunks(list(index_manifest.items_per_shard or _items_per_shard(cfg.index, version, index_manifest)),
                   cfg.chunk_size)
     run_id = new_run_id()

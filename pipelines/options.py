@@ -14,7 +14,7 @@ from collections.abc import Callable
 from models.presets import PRESETS
 from serving.methods import LSH_RADIUS, SearchOptions
 
-SEARCH_METHODS = ("annoy", "lsh", "hnsw", "both", "exact")
+SEARCH_METHODS = ("auto", "hnsw", "annoy", "lsh", "both", "exact")
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -58,7 +58,7 @@ def non_negative_float(text: str) -> float:
 def method_name(text: str) -> str:
     """A search method, ``both``, or method names joined by ``+`` (the union of their candidates)."""
     names = ["annoy", "lsh"] if text == "both" else text.split("+")
-    unknown = [n for n in names if n not in SEARCH_METHODS or n == "both"]
+    unknown = [n for n in names if n not in SEARCH_METHODS or (len(names) > 1 and n in ("both", "auto"))]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a method: choose from {', '.join(SEARCH_METHODS)} or join names with '+'"
@@ -73,7 +73,7 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None) -> None:
                    help="folder with Keras weights files by their Keras names (default $CBIR_WEIGHTS_DIR)")
 
 
-def add_search_args(p: argparse.ArgumentParser, method: str = "annoy", k: int = 10, rerank_flag: str = "--rerank"
+def add_search_args(p: argparse.ArgumentParser, method: str = "auto", k: int = 10, rerank_flag: str = "--rerank"
                     ) -> None:
     """-k, --method, re-ranking, query expansion and per-method effort: one :class:`SearchOptions`.
 

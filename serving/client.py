@@ -43,6 +43,7 @@ from models.export import (
 from serving import compatibility
 from serving.compatibility import ModelMismatchError
 from serving.embedder import DecodeFailure, FileEmbedding
+from serving.index_files import load_transform
 
 log = logging.getLogger(__name__)
 
@@ -345,20 +346,12 @@ class ServingEmbedder(FileEmbedding):
         self.batch_size = max(1, batch_size)
         self.dim = manifest.dimension.output
         self.space_fingerprint = space_fingerprint(manifest)
-        self._tft = None
+        self._transform = load_transform(version_dir, manifest)
         self._signature: SignatureInfo | None = None
 
     def transform(self, features: np.ndarray) -> np.ndarray:
-        """Raw served features → the index space, with the index's own transform_fn."""
-        import tensorflow as tf
-        import tensorflow_transform as tft
-
-        if self._tft is None:
-            self._tft = tft.TFTransformOutput(self.version_dir)
-        out = self._tft.transform_raw_features(
-            {"feature": tf.constant(np.asarray(features, dtype=np.float32))}, drop_unused_features=True
-        )
-        return out["feature"].numpy()
+        """Raw served features → the index space, with the index's own transform (as data)."""
+        return self._transform(np.asarray(features, dtype=np.float32))
 
     def check_signature(self) -> SignatureInfo:
         """Fails before any image is sent when the signature cannot embed encoded images.

@@ -1,8 +1,9 @@
-"""Image files → query vectors in the index's space: decode, backbone, transform_fn.
+"""Image files → query vectors in the index's space: decode, backbone, the index's transform.
 
-The decode is the pipeline's own (models.imaging), the backbone is checked
-against the index's model fingerprint, and the transform is the saved
-tf.Transform graph, so a query is embedded exactly as the corpus was.
+The decode is the pipeline's own (models.imaging), the backbone is checked against the
+index's model fingerprint, and the transform is the data the index applied to its own
+vectors (``index_builder.transform``), so a query is embedded exactly as the corpus was
+and opening an index never loads code that came with it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from index_builder.vector_space import space_fingerprint
 from models.backbone import Backbone, ModelSpec
 from models.imaging import DEFAULT_MAX_PIXELS, decode_and_resize
 from serving.compatibility import ModelMismatchError, check_model
+from serving.index_files import load_transform
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +65,10 @@ class FileEmbedding:
 
 
 class Embedder(FileEmbedding):
-    """Loads the backbone once and the index's transform_fn; embeds batches of images."""
+    """Loads the backbone once and the index's transform (data, not a SavedModel); embeds batches of images."""
 
     def __init__(self, version_dir: str, manifest: IndexManifest, spec: ModelSpec,
                  max_pixels: int = DEFAULT_MAX_PIXELS):
-        import tensorflow_transform as tft
-
         check_model(spec, manifest)
         self.version_dir = version_dir
         # the vector space this embedder produces: a searcher on another version refuses it
@@ -79,7 +79,7 @@ class Embedder(FileEmbedding):
         # decode as the corpus was decoded (extract --full-decode turns reduced-scale JPEG off)
         self.reduced_decode = manifest.reduced_decode
         self._encode = self._load_encoder(manifest.model.get("encoder"))
-        self._tft = tft.TFTransformOutput(version_dir)
+        self._transform = load_transform(version_dir, manifest)
         self.dim = manifest.dimension.output
 
     @staticmethod
@@ -96,14 +96,9 @@ class Embedder(FileEmbedding):
 
     def transform(self, features: np.ndarray) -> np.ndarray:
         """Raw backbone features (n, D_in) → index space (n, D_out), L2-normalised."""
-        import tensorflow as tf
-
         if self._encode is not None:
             features = self._encode(features)
-        out = self._tft.transform_raw_features(
-            {"feature": tf.constant(np.asarray(features, dtype=np.float32))}, drop_unused_features=True
-        )
-        return out["feature"].numpy()
+        return self._transform(np.asarray(features, dtype=np.float32))
 
     def decode(self, data: bytes) -> np.ndarray:
         return decode_and_resize(data, self.backbone.size, self.max_pixels, self.reduced_decode).pixels

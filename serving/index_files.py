@@ -16,8 +16,12 @@ import shutil
 import tempfile
 import uuid
 
+import numpy as np
+
 from index_builder import layout
+from index_builder.hnsw import HNSW_FILE
 from index_builder.manifests import IndexManifest, ManifestError
+from index_builder.transform import VectorTransform
 from transforms import fsutil
 
 log = logging.getLogger(__name__)
@@ -85,24 +89,66 @@ def read_manifest(path: str) -> IndexManifest:
         raise layout.IndexIntegrityError(str(exc)) from None
 
 
-def verify_files(version_dir: str, manifest: IndexManifest, full: bool = True, prefix: str = "") -> None:
-    """Refuses a local version whose files differ from its manifest (size always, sha256 if ``full``).
+def required_files(manifest: IndexManifest) -> list[str]:
+    """Every file a version of this manifest must hold, from its index types, shards and transform.
 
-    ``prefix`` limits the check to the files under one folder (the export checks only the transform).
+    A manifest that leaves one of them out is refused even when the digests of what it
+    does list match: deleting entries (and corrupting the files behind them) must not
+    slip past the check.
     """
-    bad = []
+    need = []
+    if manifest.transform.projection_file:
+        need += [manifest.transform.projection_file, manifest.transform.bias_file]
+    elif "pca" in manifest.transform.steps:
+        need.append(f"{layout.TRANSFORM_DATA_DIR}/projection.npy")
+    per_shard = [layout.VECTORS_FILE, layout.IDMAP_FILE, layout.SHARD_INFO]
+    if "annoy" in manifest.index_types:
+        per_shard.append(layout.ANNOY_FILE)
+    if "lsh" in manifest.index_types:
+        need += [layout.LSH_PLANES, layout.LSH_OFFSETS]
+        per_shard += [layout.CODES_FILE, layout.MIH_OFFSETS_FILE, layout.MIH_IDS_FILE]
+    if "hnsw" in manifest.index_types:
+        per_shard.append(HNSW_FILE)
+    for s in range(manifest.shards):
+        need += [f"{layout.shard_dir(s)}/{name}" for name in per_shard]
+    return need
+
+
+def verify_files(version_dir: str, manifest: IndexManifest, full: bool = True, prefix: str = "") -> None:
+    """Refuses a local version whose files differ from its manifest in any way.
+
+    Every listed file must be there at its size (and sha256 when ``full``); every file the
+    index types need must be listed; and no file may lie unlisted under the shards or the
+    transform, where a reader would pick it up. ``prefix`` limits the check to one folder
+    (the export checks only the transform).
+    """
+    bad, unlisted = [], []
+    missing = [rel for rel in required_files(manifest) if rel.startswith(prefix) and rel not in manifest.files]
     for rel, meta in manifest.files.items():
         if not rel.startswith(prefix):
             continue
         path = os.path.join(version_dir, rel)
-        if not os.path.isfile(path) or os.path.getsize(path) != meta.bytes:
+        if not os.path.isfile(path) or os.path.islink(path) or os.path.getsize(path) != meta.bytes:
             bad.append(rel)
         elif full and layout.sha256_file(path)[0] != meta.sha256:
             bad.append(rel)
+    for sub in ("shards", layout.TRANSFORM_DATA_DIR, layout.TRANSFORM_DIR):
+        root = os.path.join(version_dir, sub)
+        for folder, _, names in os.walk(root):
+            for name in names:
+                rel = os.path.relpath(os.path.join(folder, name), version_dir).replace(os.sep, "/")
+                if rel.startswith(prefix) and rel not in manifest.files:
+                    unlisted.append(rel)
+    problems = []
     if bad:
+        problems.append(f"{len(bad)} file(s) do not match the manifest ({', '.join(bad[:5])})")
+    if missing:
+        problems.append(f"the manifest does not list {len(missing)} required file(s) ({', '.join(missing[:5])})")
+    if unlisted:
+        problems.append(f"{len(unlisted)} file(s) are not in the manifest ({', '.join(unlisted[:5])})")
+    if problems:
         raise layout.IndexIntegrityError(
-            f"{version_dir}: {len(bad)} file(s) do not match the manifest ({', '.join(bad[:5])}); "
-            "the index is damaged or was modified: rebuild or republish it"
+            f"{version_dir}: {'; '.join(problems)}; the index is damaged or was modified: rebuild or republish it"
         )
 
 
@@ -127,3 +173,20 @@ def localise(index_dir: str, version: str) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("copied index %s/%s to %s", index_dir, version, cache)
     return cache
+
+
+def load_transform(version_dir: str, manifest: IndexManifest) -> VectorTransform:
+    """The index's vector transform, from the data files its manifest lists (never a SavedModel)."""
+    info = manifest.transform
+    if info.projection_file is None:
+        if "pca" in info.steps:
+            raise layout.IndexIntegrityError(f"{version_dir}: the manifest lists no transform data for its PCA step; "
+                                             "rebuild the index")
+        return VectorTransform()
+    projection = np.load(os.path.join(version_dir, info.projection_file), allow_pickle=False)
+    bias = np.load(os.path.join(version_dir, info.bias_file), allow_pickle=False)
+    expected = (manifest.dimension.input, manifest.dimension.output)
+    if projection.shape != expected or bias.shape != (projection.shape[1],):
+        raise layout.IndexIntegrityError(f"{version_dir}: transform data of shapes {projection.shape}, {bias.shape} do "
+                                         f"not fit {manifest.dimension.input}→{manifest.dimension.output}")
+    return VectorTransform(projection.astype(np.float32), bias.astype(np.float32))

@@ -171,7 +171,7 @@ class Searcher:
             uris=idmap.column("uri").to_pylist(),
             labels=idmap.column("label").to_pylist(),
             sha256=idmap.column("sha256").to_pylist(),
-            handles={name: m.open_shard(d, n) for name, m in self.methods.items()},
+            handles={name: m.open_shard(d, n, number) for name, m in self.methods.items()},
         )
         shard.dense = lambda s=shard: self._exact_vectors(s)
         return shard
@@ -205,9 +205,7 @@ class Searcher:
 
     def options(self, opts: SearchOptions | None = None, **overrides: Any) -> SearchOptions:
         """``opts`` (default :class:`SearchOptions`) with ``overrides``, checked against this index."""
-        opts = dataclasses.replace(opts or SearchOptions(), **overrides)
-        opts.validate(self.available_methods)
-        return opts
+        return dataclasses.replace(opts or SearchOptions(), **overrides).resolve(self.available_methods)
 
     def search(self, vector: np.ndarray, opts: SearchOptions | None = None,
                exclude: tuple[int, int] | int | None = None, **overrides: Any) -> list[Hit]:
@@ -325,6 +323,22 @@ class Searcher:
         else:
             ids = topk.union_rows(*(f[0] for f in found))
         return ids, topk.score(shard.vectors, q, ids)
+
+    def near_duplicates(self, vectors: np.ndarray, max_hamming: int = 8) -> list[list[tuple[int, int]]]:
+        """Per query vector, every indexed item whose LSH code lies within ``max_hamming`` bits:
+        (global id, distance), nearest first. Exact over the codes, through the multi-index
+        hashing tables, so its cost does not grow with the corpus the way a scan does."""
+        method = self.methods.get("lsh")
+        if method is None:
+            raise ValueError(f"{self.version_dir} has no LSH codes: build it with --index-types including lsh")
+        q = normalise_rows(np.asarray(vectors, np.float32).reshape(-1, self.dim))
+        out: list[list[tuple[int, int]]] = [[] for _ in range(len(q))]
+        for s in self.shards:
+            if not s.size:
+                continue
+            for row, (ids, dist) in enumerate(method.within_radius(s.handles["lsh"], q, max_hamming)):
+                out[row] += [(int(i) + int(self.offsets[s.number]), int(d)) for i, d in zip(ids, dist, strict=True)]
+        return [sorted(r, key=lambda x: (x[1], self.image_ids[x[0]])) for r in out]
 
     # -- lookups ----------------------------------------------------------------------------------
 

@@ -1,7 +1,18 @@
-"""PTransforms of the index job: feature rows, the tf.Transform fit, shard builds."""
+"""The index job's Beam steps: the tf.Transform fit over Arrow batches, the transform as data, shard builds.
+
+Two passes over the features, both on Arrow record batches (no per-row Python objects):
+
+1. **fit**: feature batches (``feature`` as ``list<float32>``, rows with NaN or infinity
+   left out) go to ``tft_beam.AnalyzeDataset`` through a TFXIO tensor adapter; a seeded,
+   deterministic sample of raw vectors (smallest blake2b of ``image_id``) feeds the LSH fit.
+2. **build**: each batch is transformed with the fitted transform *as data*
+   (``index_builder.transform``), split by shard into small record batches, grouped per
+   shard, and built on one worker. A shard's memory is its own rows, never the corpus.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -11,35 +22,45 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from index_builder import layout
-from index_builder.shard import ShardItems, ShardParams, build_shard
+from index_builder.shard import ShardItems, ShardParams, build_shard, row_schema
+from index_builder.transform import VectorTransform
 from transforms import features_io
 
 log = logging.getLogger(__name__)
 
 STRING_COLUMNS = ("image_id", "uri", "label", "sha256")
 ATTEMPTS = "attempts"  # under the staging version: one folder per shard build attempt
+NAMESPACE = "cbir_index"
 
 
-def raw_feature_spec(dim: int) -> dict[str, Any]:
-    import tensorflow as tf
+# -- pass 1: the fit ----------------------------------------------------------------------------------
 
-    spec = {c: tf.io.FixedLenFeature([], tf.string) for c in STRING_COLUMNS}
-    spec["feature"] = tf.io.FixedLenFeature([dim], tf.float32)
-    return spec
+
+def tensor_adapter_config(dim: int) -> Any:
+    """TFXIO adapter for batches holding one column ``feature`` (``list<float32>`` of length ``dim``)."""
+    from tensorflow_metadata.proto.v0 import schema_pb2
+    from tfx_bsl.tfxio import tensor_adapter
+
+    rep = schema_pb2.TensorRepresentation()
+    rep.dense_tensor.column_name = "feature"
+    rep.dense_tensor.shape.dim.add().size = dim
+    return tensor_adapter.TensorAdapterConfig(pa.schema([("feature", pa.list_(pa.float32()))]), {"feature": rep})
 
 
 def make_preprocessing_fn(dims: int):
     """L2-normalise → centre and project on the top ``dims`` principal axes → L2-normalise.
 
-    The mean and the PCA matrix are tf.Transform analysers: one full pass over the
-    corpus computes them, and the saved graph applies the same constants to every
-    query, so a query and the corpus can never be transformed differently.
-    ``dims == 0`` keeps the dimension and only normalises (the two L2 steps
-    collapse into one). The first L2 makes PCA fit directions, not magnitudes,
+    The mean and the PCA matrix are tf.Transform analysers: one full pass over the corpus
+    computes them. Besides the result (``feature``) the graph outputs ``projected``, the
+    affine step before the last normalisation, from which the index reads the transform
+    as data (``index_builder.transform.probe_matrices``). ``dims == 0`` keeps the
+    dimension and only normalises. The first L2 makes PCA fit directions, not magnitudes,
     which is what cosine search compares.
     """
     import tensorflow as tf
@@ -50,89 +71,108 @@ def make_preprocessing_fn(dims: int):
 
     def preprocessing_fn(inputs):
         x = tf.math.l2_normalize(inputs["feature"], axis=1)
-        if dims:
-            mean = tft.mean(x, reduce_instance_dims=False)
-            pca = tft.pca(x, output_dim=dims, dtype=tf.float32)
-            x = tf.matmul(x - mean, pca)
-        outputs = {"feature": tf.math.l2_normalize(x, axis=1)}
-        for c in STRING_COLUMNS:
-            outputs[c] = tf.identity(inputs[c])
-        return outputs
+        if not dims:
+            return {"feature": x}
+        mean = tft.mean(x, reduce_instance_dims=False)
+        pca = tft.pca(x, output_dim=dims, dtype=tf.float32)
+        projected = tf.matmul(x - mean, pca)
+        return {"feature": tf.math.l2_normalize(projected, axis=1), "projected": projected}
 
     return preprocessing_fn
 
 
-def table_to_instances(table) -> tuple[list[dict[str, Any]], list[str]]:
-    """Arrow feature rows → tf.Transform instance dicts, and the ids of rows with non-finite features.
-
-    A NaN or infinite vector would poison the corpus-wide mean and covariance, so
-    such rows are left out of the index instead of silently breaking every query.
-    """
+def finite_rows(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 (n, D) vectors, boolean mask of rows whose vector is finite)."""
     vectors = features_io.feature_matrix(table)
-    finite = np.isfinite(vectors).all(axis=1)
-    cols = {c: table.column(c).to_pylist() for c in STRING_COLUMNS}
-    out, bad = [], []
-    for i in range(table.num_rows):
-        if not finite[i]:
-            bad.append(cols["image_id"][i])
-            continue
-        row = {c: (cols[c][i] or "").encode("utf-8") for c in STRING_COLUMNS}
-        row["feature"] = vectors[i]
-        out.append(row)
-    return out, bad
+    return vectors, np.isfinite(vectors).all(axis=1)
 
 
-NON_FINITE_TAG = "non_finite"
+def sample_key(image_id: str) -> int:
+    """A row's place in the LSH-fit sample: small keys are kept (deterministic, spread like random)."""
+    return int.from_bytes(hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "big")
 
 
-class ToInstancesFn(beam.DoFn):
-    """Feature tables → instance dicts; ids of rows left out go to :data:`NON_FINITE_TAG`.
+class FitBatchesFn(beam.DoFn):
+    """Feature tables → ``list<float32>`` batches for the fit; ``sample`` gets each batch's sample candidates."""
 
-    The left-out ids travel to their shard (:class:`KeyByShardFn`) so that each shard's
-    SHARD.json accounts for them: items in = items indexed + duplicates + non-finite,
-    checked per build without trusting a counter.
+    SAMPLE_TAG = "sample"
+
+    def __init__(self, sample_size: int):
+        self._sample = sample_size
+
+    def process(self, table: pa.Table):
+        vectors, finite = finite_rows(table)
+        if not finite.all():
+            table, vectors = table.filter(pa.array(finite)), vectors[finite]
+        if not len(vectors):
+            return
+        dim = vectors.shape[1]
+        offsets = pa.array(np.arange(0, (len(vectors) + 1) * dim, dim, dtype=np.int32))
+        values = pa.array(np.ascontiguousarray(vectors).reshape(-1), pa.float32())
+        yield pa.RecordBatch.from_arrays([pa.ListArray.from_arrays(offsets, values)], names=["feature"])
+        if self._sample:
+            keys = np.asarray([sample_key(i) for i in table.column("image_id").to_pylist()], dtype=np.uint64)
+            keep = np.argsort(keys, kind="stable")[: self._sample]
+            for i in keep.tolist():
+                yield beam.pvalue.TaggedOutput(self.SAMPLE_TAG, (int(keys[i]), vectors[i]))
+
+
+# -- pass 2: transform and build ----------------------------------------------------------------------
+
+
+def _strings(table: pa.Table, name: str) -> list[str | None]:
+    return table.column(name).to_pylist()
+
+
+def _string_column(table: pa.Table, name: str) -> pa.Array:
+    """A string column of the id map: nulls become "" except in ``label`` (no label is a value)."""
+    col = table.column(name).combine_chunks().cast(pa.string())
+    return col if name == "label" else pc.fill_null(col, "")
+
+
+class TransformAndKeyFn(beam.DoFn):
+    """Feature tables → ``(shard, ("rows", RecordBatch))`` with transformed vectors, and
+    ``(shard, ("non_finite", 1))`` for each row left out, so each shard accounts for its own rows.
+
+    The transform is the fitted one as data, so the stored vectors are computed by exactly the
+    code that transforms queries.
     """
 
-    def __init__(self):
-        self._rows = Metrics.counter("cbir_index", "rows_read")
-        self._skipped = Metrics.counter("cbir_index", "non_finite_skipped")
-
-    def process(self, table):
-        rows, bad = table_to_instances(table)
-        if bad:
-            log.warning("%d feature rows with non-finite values left out of the index, e.g. %s", len(bad), bad[:3])
-            self._skipped.inc(len(bad))
-            for image_id in bad:
-                yield beam.pvalue.TaggedOutput(NON_FINITE_TAG, image_id)
-        self._rows.inc(len(rows) + len(bad))
-        yield from rows
-
-
-def key_skipped(image_id: str, num_shards: int) -> tuple[int, dict[str, Any]]:
-    """A left-out row as a marker for its shard's build (same hash as the rows it would have joined)."""
-    return layout.stable_shard(image_id, num_shards), {"skipped": "non_finite", "image_id": image_id}
-
-
-def _decode(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-class KeyByShardFn(beam.DoFn):
-    """(shard, row) with the shard a stable hash of image_id (layout.stable_shard)."""
-
-    def __init__(self, num_shards: int):
+    def __init__(self, transform: VectorTransform, num_shards: int):
+        self._transform = transform
         self._shards = num_shards
+        self._rows = Metrics.counter(NAMESPACE, "rows_read")
+        self._skipped = Metrics.counter(NAMESPACE, "non_finite_skipped")
 
-    def process(self, row: dict[str, Any]):
-        image_id = _decode(row["image_id"])
-        label = _decode(row["label"])
-        yield layout.stable_shard(image_id, self._shards), {
-            "image_id": image_id,
-            "uri": _decode(row["uri"]),
-            "label": label or None,
-            "sha256": _decode(row["sha256"]),
-            "feature": np.asarray(row["feature"], dtype=np.float32),
-        }
+    def process(self, table: pa.Table):
+        vectors, finite = finite_rows(table)
+        ids = _strings(table, "image_id")
+        self._rows.inc(len(ids))
+        shard_of = np.asarray([layout.stable_shard(i, self._shards) for i in ids], dtype=np.int64)
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            log.warning("%d feature rows with non-finite values left out of the index, e.g. %s", len(bad),
+                        [ids[i] for i in bad[:3]])
+            self._skipped.inc(len(bad))
+            for i in bad.tolist():
+                yield int(shard_of[i]), ("non_finite", 1)
+        keep = np.flatnonzero(finite)
+        if not len(keep):
+            return
+        out = self._transform(vectors[keep])
+        dim = out.shape[1]
+        taken = table.take(pa.array(keep))
+        batch = pa.RecordBatch.from_arrays(
+            [_string_column(taken, c) for c in STRING_COLUMNS]
+            + [pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1), pa.float32()), dim)],
+            schema=row_schema(dim),
+        )
+        shards = shard_of[keep]
+        order = np.argsort(shards, kind="stable")
+        bounds = np.flatnonzero(np.diff(shards[order])) + 1
+        for part in np.split(order, bounds):
+            if len(part):
+                yield int(shards[part[0]]), ("rows", batch.take(pa.array(part)))
 
 
 def attempt_dir(staging: str, shard: int, attempt: str) -> str:
@@ -149,30 +189,34 @@ class BuildShardFn(beam.DoFn):
     attempts, so a mix would not match its digests).
     """
 
-    def __init__(self, staging: str, dim: int, planes: np.ndarray, params: ShardParams):
+    def __init__(self, staging: str, dim: int, planes: np.ndarray, offsets: np.ndarray | None, params: ShardParams):
         self._staging = staging
         self._dim = dim
         self._planes = planes
+        self._offsets = offsets
         self._params = params
-        self._items = Metrics.counter("cbir_index", "items")
-        self._shards = Metrics.counter("cbir_index", "shards")
-        self._duplicates = Metrics.counter("cbir_index", "duplicates_dropped")
-        self._seconds = Metrics.distribution("cbir_index", "shard_build_ms")
+        self._items = Metrics.counter(NAMESPACE, "items")
+        self._shards = Metrics.counter(NAMESPACE, "shards")
+        self._duplicates = Metrics.counter(NAMESPACE, "duplicates_dropped")
+        self._seconds = Metrics.distribution(NAMESPACE, "shard_build_ms")
 
     def process(self, keyed: tuple[int, Any]):
         shard, elements = keyed
-        rows, non_finite = [], 0
-        for r in elements:
-            if r is None:  # marks a shard that must exist even if empty
+        batches, non_finite = [], 0
+        for element in elements:
+            if element is None:  # marks a shard that must exist even if empty
                 continue
-            if "skipped" in r:  # a row left out before the transform, accounted for here
-                non_finite += 1
-                continue
-            rows.append(r)
-        items = ShardItems.from_rows(rows, self._dim)
+            kind, value = element
+            if kind == "rows":
+                batches.append(value)
+            else:  # a row left out before the transform, accounted for here
+                non_finite += value
+        table = pa.Table.from_batches(batches, schema=row_schema(self._dim))
+        items = ShardItems.from_table(table, self._dim)
         local = tempfile.mkdtemp(prefix=f"cbir-shard-{shard:05d}-")
         try:
-            info = build_shard(items, shard, local, self._planes, self._params, non_finite_skipped=non_finite)
+            info = build_shard(items, shard, local, self._planes, self._params, non_finite_skipped=non_finite,
+                               offsets=self._offsets)
             dest = attempt_dir(self._staging, shard, uuid.uuid4().hex[:12])
             names = sorted(n for n in os.listdir(local) if n != layout.SHARD_INFO) + [layout.SHARD_INFO]
             for name in names:  # SHARD.json last: its presence means the attempt is whole

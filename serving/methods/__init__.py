@@ -9,9 +9,10 @@ from __future__ import annotations
 from serving.methods.annoy import RERANK_FACTOR, AnnoyMethod
 from serving.methods.base import LSH_RADIUS, Method, SearchOptions
 from serving.methods.exact import ExactMethod
+from serving.methods.hnsw import HnswMethod
 from serving.methods.lsh import LSH_FACTOR, LshMethod
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (ExactMethod, AnnoyMethod, LshMethod)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (ExactMethod, AnnoyMethod, LshMethod, HnswMethod)}
 COMBINATIONS = ("both",)  # annoy+lsh; any names joined by "+" also work
 
 __all__ = ["COMBINATIONS", "LSH_FACTOR", "LSH_RADIUS", "METHODS", "RERANK_FACTOR", "Method", "SearchOptions"]

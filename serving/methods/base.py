@@ -24,15 +24,16 @@ LSH_RADIUS = 3  # largest MIH substring radius probed when nearer buckets hold t
 class SearchOptions:
     """Everything a search can be asked for; every search entry point takes this one record.
 
-    ``method`` is a method name (``exact``, ``annoy``, ``lsh``, ``hnsw``), ``both`` (Annoy
-    and LSH), or several names joined by ``+``: the union of their candidates, re-scored
-    exactly. ``candidates`` (per shard) overrides each method's own default count;
-    ``search_k`` (Annoy), ``ef_search`` (HNSW) and ``lsh_radius`` tune one method each,
-    ``-1`` / ``0`` meaning the value the index recorded (or the library's default).
+    ``method`` is a method name (``exact``, ``annoy``, ``lsh``, ``hnsw``), ``auto`` (the
+    fastest type the index has: HNSW, else Annoy), ``both`` (Annoy and LSH), or several names
+    joined by ``+``: the union of their candidates, re-scored exactly. ``candidates`` (per
+    shard) overrides each method's own default count; ``search_k`` (Annoy), ``ef_search``
+    (HNSW) and ``lsh_candidates`` tune one method each, ``-1`` / ``0`` meaning the value the
+    index calibrated per shard (or the library's default).
     """
 
     k: int = 10
-    method: str = "annoy"
+    method: str = "auto"  # hnsw when the index has it, else annoy
     rerank: bool = False
     qe: int = 0
     qe_alpha: float = 0.0  # α-weighted query expansion: weights similarity**alpha (0: plain average)
@@ -63,6 +64,14 @@ class SearchOptions:
         if "exact" in names and len(names) > 1:
             raise ValueError("exact search cannot be combined with other methods: it already finds the true top-k")
 
+    def resolve(self, available: tuple[str, ...]) -> SearchOptions:
+        """``auto`` replaced by the method this index answers best with; checked against ``available``."""
+        opts = self
+        if self.method == "auto":
+            opts = dataclasses.replace(self, method="hnsw" if "hnsw" in available else "annoy")
+        opts.validate(available)
+        return opts
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -86,8 +95,22 @@ class Method:
         self.manifest = manifest
         self.dim = manifest.dimension.output
 
-    def open_shard(self, shard_dir: str, n: int) -> Any:
+    def open_shard(self, shard_dir: str, n: int, number: int) -> Any:
         return None
+
+    def calibrated(self, number: int, key: str) -> int | None:
+        """The effort calibration chose for shard ``number`` (None when the index recorded none)."""
+        params = getattr(self.manifest, self.name, None)
+        cal = getattr(params, "calibration", None) if params is not None else None
+        per_shard = (cal or {}).get("per_shard") or []
+        entry = per_shard[number] if number < len(per_shard) else None
+        return int(entry[key]) if entry and entry.get(key) is not None else None
+
+    @property
+    def calibration_k(self) -> int:
+        params = getattr(self.manifest, self.name, None)
+        cal = getattr(params, "calibration", None) if params is not None else None
+        return int((cal or {}).get("k") or 10)
 
     def close_shard(self, handle: Any) -> None:
         return None

@@ -1,4 +1,11 @@
-"""LSH codes with multi-index hashing: candidates by Hamming distance, always re-scored exactly."""
+"""LSH codes: candidates by a full Hamming scan, always re-scored exactly from the stored vectors.
+
+The codes come from hyperplanes learned in the index fit (``index_builder.lsh``). The
+scan covers every code of a shard (a popcount over 64-bit words), takes the Hamming
+top-N, and the searcher re-ranks those N exactly; N is what calibration chose for the
+shard (scaled with k). The multi-index-hashing tables stay for exact radius queries
+(``Searcher.near_duplicates``), where they beat a scan.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import numpy as np
 from index_builder import layout, lsh
 from serving.methods.base import Method, SearchOptions
 
-LSH_FACTOR = 20  # LSH candidates per shard = LSH_FACTOR * k: Hamming order is coarse, exact scoring is cheap
+LSH_FACTOR = 20  # LSH candidates per shard = LSH_FACTOR * k when the index recorded no calibrated count
 
 
 class LshMethod(Method):
@@ -20,8 +27,10 @@ class LshMethod(Method):
     def __init__(self, version_dir: str, manifest: Any):
         super().__init__(version_dir, manifest)
         self.planes = np.load(os.path.join(version_dir, layout.LSH_PLANES))
+        offsets = os.path.join(version_dir, layout.LSH_OFFSETS)
+        self.offsets = np.load(offsets) if os.path.exists(offsets) else None
 
-    def open_shard(self, shard_dir: str, n: int) -> Any:
+    def open_shard(self, shard_dir: str, n: int, number: int) -> Any:
         codes = np.load(os.path.join(shard_dir, layout.CODES_FILE), mmap_mode="r")
         if codes.shape[0] != n:
             raise layout.IndexIntegrityError(f"{shard_dir}: {codes.shape[0]} LSH codes for {n} items")
@@ -29,17 +38,36 @@ class LshMethod(Method):
             np.load(os.path.join(shard_dir, layout.MIH_OFFSETS_FILE), mmap_mode="r"),
             np.load(os.path.join(shard_dir, layout.MIH_IDS_FILE), mmap_mode="r"),
         )
-        return codes, tables
+        return codes, lsh.as_words(codes) if n else np.zeros((0, codes.shape[1] // 8), np.uint64), tables, \
+            self.calibrated(number, "candidates")
 
     def default_candidates(self, opts: SearchOptions, union: bool) -> int:
         return opts.lsh_candidates or LSH_FACTOR * opts.k
 
+    def candidates_for(self, handle: Any, opts: SearchOptions) -> int | None:
+        """The per-shard count: the option, else the calibrated one scaled to k, else LSH_FACTOR·k."""
+        if opts.lsh_candidates or opts.candidates:
+            return None
+        calibrated = handle[3]
+        if calibrated:
+            return max(opts.k, int(np.ceil(calibrated * opts.k / self.calibration_k)))
+        return None
+
+    def encode(self, q: np.ndarray) -> np.ndarray:
+        return lsh.encode(q, self.planes, self.offsets)
+
     def search(self, handle: Any, shard: Any, q: np.ndarray, n: int, opts: SearchOptions
                ) -> tuple[np.ndarray, np.ndarray | None]:
-        codes, tables = handle
-        qcodes = lsh.encode(q, self.planes)
+        _, words, _, _ = handle
+        n = min(self.candidates_for(handle, opts) or n, shard.size)
+        qwords = lsh.as_words(self.encode(q))
         ids = np.full((len(q), n), -1, np.int64)
         for row in range(len(q)):
-            r, _ = lsh.search(qcodes[row], codes, tables, n, n, opts.lsh_radius)
+            r = lsh.hamming_top(qwords[row], words, n)
             ids[row, : len(r)] = r
         return ids, None
+
+    def within_radius(self, handle: Any, q: np.ndarray, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query, every (id, Hamming distance) within ``radius``: exact, through the MIH tables."""
+        codes, _, tables, _ = handle
+        return [lsh.radius_search(code, codes, tables, radius) for code in self.encode(q)]

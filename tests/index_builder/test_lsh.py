@@ -176,3 +176,56 @@ def test_empty_tables_find_nothing():
     ids, dist = lsh.search(query, codes, tables, k=10, min_candidates=10)
     assert ids.size == 0 and dist.size == 0
     assert lsh.radius_search(query, codes, tables, 5)[0].size == 0
+
+
+# -- learned projections and the full scan ------------------------------------------------------------
+
+
+def _anisotropic(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors whose variance falls off across dimensions, as PCA-transformed features do."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)) * np.linspace(2.0, 0.2, dim) + 0.3
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits,dim", [(64, 96), (128, 64), (256, 256)])
+def test_learned_projections_have_the_asked_shape_and_balanced_bits(bits, dim):
+    x = _anisotropic(3000, dim)
+    for method in lsh.PROJECTIONS:
+        planes, offsets = lsh.fit_projection(x, bits, seed=3, method=method)
+        assert planes.shape == (dim, bits) and offsets.shape == (bits,) and planes.dtype == np.float32
+        ones = np.unpackbits(lsh.encode(x, planes, offsets), axis=1).mean(axis=0)
+        if method != "gaussian":  # centred: every bit splits the data about in half
+            assert np.all((ones > 0.3) & (ones < 0.7)), (method, ones.min(), ones.max())
+    again = lsh.fit_projection(x, bits, seed=3)
+    np.testing.assert_array_equal(again[0], lsh.fit_projection(x, bits, seed=3)[0])  # deterministic
+
+
+def test_itq_codes_need_fewer_candidates_than_gaussian_hyperplanes():
+    x = _anisotropic(8000, 64, seed=5)
+    queries, truth = np.arange(0, 8000, 40), []
+    sims = x[queries] @ x.T
+    sims[np.arange(len(queries)), queries] = -np.inf
+    truth = np.argsort(-sims, axis=1)[:, :10]
+
+    def recall(method: str, candidates: int) -> float:
+        planes, offsets = lsh.fit_projection(x[:4000], 128, seed=1, method=method)
+        words = lsh.as_words(lsh.encode(x, planes, offsets))
+        hits = 0
+        for q, want in zip(queries, truth, strict=True):
+            cand = lsh.hamming_top(words[q], words, candidates + 1)
+            hits += len(set(cand.tolist()) & set(want.tolist()))
+        return hits / truth.size
+
+    assert recall("itq", 400) > recall("gaussian", 400) + 0.05
+
+
+@pytest.mark.parametrize("n,take", [(1000, 1), (1000, 37), (1000, 999), (50, 80)])
+def test_hamming_top_is_the_nearest_by_distance_then_id(n, take):
+    rng = np.random.default_rng(n + take)
+    codes = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+    words = lsh.as_words(codes)
+    q = words[3]
+    dist = np.bitwise_count(words ^ q).sum(axis=1)
+    expected = np.lexsort((np.arange(n), dist))[:take]
+    np.testing.assert_array_equal(lsh.hamming_top(q, words, take), expected)

@@ -78,12 +78,13 @@ def test_index_build_that_loses_items_is_refused(flowers_features, tmp_path, mon
     cfg = index.IndexConfig(features=str(flowers_features[0]), output=str(out), shards=2, dims=16, trees=5)
     first = index.run(cfg)
     before = _snapshot(out)
-    real = ShardItems.from_rows.__func__
+    real = ShardItems.from_table.__func__
 
-    def dropping(cls, rows, dim):
-        return real(cls, [r for r in rows if not _lossy(r["image_id"])], dim)
+    def dropping(cls, table, dim):  # a shard build that loses items without a word
+        keep = [not _lossy(i) for i in table.column("image_id").to_pylist()]
+        return real(cls, table.filter(keep), dim)
 
-    monkeypatch.setattr(ShardItems, "from_rows", classmethod(dropping))
+    monkeypatch.setattr(ShardItems, "from_table", classmethod(dropping))
     with pytest.raises(publish.PublishRefusedError) as info:
         index.run(cfg)
     counts = info.value.counts

@@ -74,8 +74,8 @@ def near_ties_at(vectors: np.ndarray, queries, k: int, eps: float = 2e-6) -> int
 
 
 def test_evaluate_equals_brute_force(searcher, flowers_index):
-    report = run(EvaluateConfig(index=str(flowers_index[0]), search=SearchOptions(k=K), methods=("annoy", "lsh"),
-                                sample=300, seed=7))
+    report = run(EvaluateConfig(index=str(flowers_index[0]), search=SearchOptions(k=K), sample=300, seed=7))
+    assert set(report["methods"]) == {"exact", "annoy", "lsh", "hnsw"}  # every type the index has
     queries = np.sort(np.random.default_rng(7).choice(searcher.size, 300, replace=False))
     vectors = searcher.all_vectors()
     expected = brute_force_labels(vectors, searcher.labels, queries)
@@ -84,7 +84,7 @@ def test_evaluate_equals_brute_force(searcher, flowers_index):
         assert report["exact"][key] == pytest.approx(value, abs=1e-9), key
     # recall@k: the per-query search path (search with exclude) against a full numpy sort
     names = np.asarray(searcher.image_ids)
-    for method in ("annoy", "lsh"):
+    for method in ("annoy", "lsh", "hnsw"):
         recalls = []
         for q in queries:
             sims = vectors.astype(np.float64) @ vectors[q].astype(np.float64)
@@ -96,7 +96,7 @@ def test_evaluate_equals_brute_force(searcher, flowers_index):
         assert report["methods"][method]["recall@k"] == pytest.approx(np.mean(recalls), abs=slack + 1e-12), method
         assert report["methods"][method]["qps"] > 0
     assert report["methods"]["exact"]["recall@k"] == 1.0
-    assert report["methods"]["annoy"]["recall@k"] > 0.9
+    assert report["methods"]["annoy"]["recall@k"] > 0.9 and report["methods"]["hnsw"]["recall@k"] > 0.9
     # the exact lists' P@k are the full ranking's P@k (same ranking, truncated)
     for k in (1, 5, 10):
         slack = near_ties_at(vectors, queries, k) / (k * len(queries))

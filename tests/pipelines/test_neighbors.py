@@ -56,7 +56,7 @@ def small_index(tmp_path_factory, flowers, mobilenet_spec):
 def test_neighbor_table_never_holds_the_item_and_marks_duplicates(small_index, tmp_path, capsys):
     root, index_manifest = small_index
     out = tmp_path / "neighbors"
-    opts = NeighborOptions(SearchOptions(k=5, rerank=True, batch_size=256))
+    opts = NeighborOptions(SearchOptions(k=5, method="hnsw", rerank=True, batch_size=256))
     m = run(NeighborsConfig(index=str(root / "index"), output=str(out), options=opts, chunk_size=3))
     table = read_neighbors(str(out))
     assert table.schema.equals(SCHEMA)

@@ -141,7 +141,7 @@ def test_annoy_rerank_recall_and_both_dominates_annoy(three_shards):
     np.testing.assert_allclose(np.where(valid, expected, 0), np.where(valid, s_lsh, 0), atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["annoy", "lsh", "both", "exact"])
+@pytest.mark.parametrize("method", ["annoy", "lsh", "both", "exact", "hnsw", "hnsw+lsh"])
 def test_single_batch_and_array_searches_agree(three_shards, method):
     s = three_shards
     picks = [0, 250, 480, 719]
@@ -160,6 +160,44 @@ def test_single_batch_and_array_searches_agree(three_shards, method):
         assert own[0].score == pytest.approx(1.0, abs=2e-3)
         described = [s.describe(h, r + 1) for r, h in enumerate(hits)]
         assert [d["image_id"] for d in described] == [s.image_ids[g] for g in ids[row] if g >= 0]
+
+
+def test_each_index_type_reaches_its_calibrated_recall_through_the_real_job(three_shards):
+    """Leave-one-out over all 720 dev photos, merged over three shards, against exact search."""
+    s = three_shards
+    assert s.available_methods == ("exact", "annoy", "lsh", "hnsw") and s.manifest.index_types == [
+        "annoy", "lsh", "hnsw"]
+    exact, _ = _leave_one_out(s, method="exact")
+    for method, params in (("hnsw", s.manifest.hnsw), ("annoy", s.manifest.annoy), ("lsh", s.manifest.lsh)):
+        assert params.calibration["target_recall"] == 0.95 and len(params.calibration["per_shard"]) == 3
+        ids, _ = _leave_one_out(s, method=method)
+        recall = np.mean([len(set(a) & set(e)) / K for a, e in zip(ids.tolist(), exact.tolist(), strict=True)])
+        assert recall >= 0.93, (method, recall)
+    auto, _ = _leave_one_out(s)  # the default method is HNSW when the index has it
+    hnsw_ids, _ = _leave_one_out(s, method="hnsw")
+    assert np.array_equal(auto, hnsw_ids)
+
+
+def test_near_duplicates_are_exact_radius_queries_over_the_codes(three_shards):
+    s = three_shards
+    picks = [5, 300]
+    found = s.near_duplicates(s.all_vectors()[picks], max_hamming=0)
+    for gid, hits in zip(picks, found, strict=True):
+        assert (gid, 0) in hits and all(d == 0 for _, d in hits)
+    wide = s.near_duplicates(s.all_vectors()[picks], max_hamming=40)
+    assert all(len(w) >= len(f) for w, f in zip(wide, found, strict=True))
+    assert all([d for _, d in w] == sorted(d for _, d in w) for w in wide)
+
+
+def test_an_index_of_the_first_format_is_refused_with_a_rebuild_message(two_builds, tmp_path):
+    out, one, _ = two_builds
+    shutil.copytree(out / one.version, tmp_path / one.version)
+    path = tmp_path / one.version / layout.MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["format_version"] = 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(layout.IndexIntegrityError, match="rebuild the index with cbir index"):
+        Searcher(str(tmp_path), version=one.version)
 
 
 def test_query_expansion_searches_again_with_the_averaged_query(three_shards):
@@ -216,6 +254,12 @@ def test_damaged_files_are_refused(two_builds, tmp_path):
     out, one, _ = two_builds
     version = one.version
     shutil.copytree(out / version, tmp_path / version)
+    graph = tmp_path / version / layout.shard_dir(0) / "hnsw.faiss"
+    original = graph.read_bytes()
+    graph.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+    with pytest.raises(layout.IndexIntegrityError, match="hnsw.faiss"):
+        Searcher(str(tmp_path), version=version)
+    graph.write_bytes(original)
     vectors = tmp_path / version / layout.shard_dir(0) / layout.VECTORS_FILE
     data = bytearray(vectors.read_bytes())
     data[-1] ^= 0xFF  # same size, different content
@@ -260,26 +304,24 @@ def test_another_transform_is_refused(two_builds, one_shard, three_shards, weigh
     assert top.score > 0.99
 
 
-def test_search_k_defaults_to_the_manifest_recommendation(two_builds, tmp_path):
-    """The builder records the Annoy search_k benchmarks recommend; -1 then means that value."""
+def test_search_k_defaults_to_the_calibrated_value_per_shard(two_builds, tmp_path):
+    """Each shard searches with the search_k calibration chose for it; -1 means that value."""
     out, _, three = two_builds
     version = three.version
+    per_shard = [p["search_k"] for p in three.annoy.calibration["per_shard"]]
+    assert three.annoy.search_k == max(per_shard) > three.annoy.trees * K  # more than Annoy's own default
     shutil.copytree(out / version, tmp_path / version)
     with Searcher(str(tmp_path), version=version, verify=False) as plain:
-        recommended = layout.recommended_search_k(max(three.items_per_shard), three.annoy.trees)
-        assert plain.default_search_k == recommended == three.annoy.search_k
-        assert recommended > three.annoy.trees * K  # more than Annoy's own default
+        assert [sh.handles["annoy"][1] for sh in plain.shards] == per_shard
         queries = plain.all_vectors()
     manifest = json.loads((tmp_path / version / layout.MANIFEST).read_text())
-    manifest["annoy"]["search_k"] = 1  # a single node per shard: clearly worse than Annoy's default
+    for entry in manifest["annoy"]["calibration"]["per_shard"]:
+        entry["search_k"] = 1  # a single node per shard: clearly worse than Annoy's default
     (tmp_path / version / layout.MANIFEST).write_text(json.dumps(manifest))
     with Searcher(str(tmp_path), version=version, verify=False) as tuned:
-        assert tuned.default_search_k == 1
         exact, _ = tuned.search_arrays(queries, k=K, method="exact")
-        starved, _ = tuned.search_arrays(queries, k=K)
-        explicit, _ = tuned.search_arrays(queries, k=K, search_k=1)
-        generous, _ = tuned.search_arrays(queries, k=K, search_k=1 << 20)
-    assert np.array_equal(starved, explicit)
+        starved, _ = tuned.search_arrays(queries, k=K, method="annoy")
+        generous, _ = tuned.search_arrays(queries, k=K, method="annoy", search_k=1 << 20)
 
     def recall(ids):
         return np.mean([len(set(a) & set(e)) / K for a, e in zip(ids, exact, strict=True)])

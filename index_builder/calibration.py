@@ -1,0 +1,107 @@
+"""Search effort chosen by measurement: the smallest effort that reaches a target recall, per shard.
+
+At build time each shard holds back a seeded sample of its own items as queries, computes
+their exact top-k (leaving each query out), and for every index type walks a grid of
+efforts upwards (HNSW ``efSearch``, Annoy ``search_k``, LSH candidates) until mean
+recall@k reaches the target. The value, the recall and the queries per second (one
+thread, one query at a time) it measured go into the shard's ``SHARD.json`` and the
+manifest; the searcher uses them unless told otherwise. This replaces fixed rules such as
+``search_k = 100·√n``, which held on one data set and not necessarily on the next.
+
+The queries are items of the shard, so each search asks for k + 1 results and drops the
+query itself, as a neighbour table or a leave-one-out evaluation does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET = 0.95
+DEFAULT_K = 10
+DEFAULT_QUERIES = 200
+_EXACT_BLOCK = 65536
+
+SearchFn = Callable[[np.ndarray, int, int], np.ndarray]  # (queries, n, effort) -> ids (b, n), -1 pads
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibrated:
+    effort: int
+    recall: float
+    qps: float
+    reached: bool
+
+    def to_dict(self, name: str) -> dict:
+        return {name: self.effort, "recall": round(self.recall, 4), "qps": round(self.qps, 1),
+                "reached_target": self.reached}
+
+
+def held_out_queries(n: int, count: int, seed: int) -> np.ndarray:
+    """Seeded sample of item ids used as calibration queries (all items when the shard is small)."""
+    if n <= count:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False)).astype(np.int64)
+
+
+def exact_neighbours(vectors: np.ndarray, query_ids: np.ndarray, k: int) -> np.ndarray:
+    """(q, k) ids of each query's exact top-k by inner product, the query itself left out."""
+    q = np.asarray(vectors[query_ids], dtype=np.float32)
+    k = min(k, len(vectors) - 1)
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    for start in range(0, len(vectors), _EXACT_BLOCK):
+        block = np.asarray(vectors[start:start + _EXACT_BLOCK], dtype=np.float32)
+        sims = q @ block.T
+        ids = np.broadcast_to(np.arange(start, start + len(block)), sims.shape)
+        sims = np.where(ids == query_ids[:, None], -np.inf, sims)
+        sims, ids = np.concatenate([best_s, sims], axis=1), np.concatenate([best_i, ids], axis=1)
+        keep = np.argpartition(-sims, k - 1, axis=1)[:, :k] if sims.shape[1] > k else np.argsort(-sims, axis=1)
+        best_s, best_i = np.take_along_axis(sims, keep, axis=1), np.take_along_axis(ids, keep, axis=1)
+    return best_i
+
+
+def recall_without_self(found: np.ndarray, query_ids: np.ndarray, truth: np.ndarray) -> float:
+    """Mean recall@k of ``found`` (k + 1 columns, the query possibly among them) against ``truth``."""
+    k = truth.shape[1]
+    hits = 0
+    for row, qid, want in zip(found, query_ids, truth, strict=True):
+        got = [i for i in row.tolist() if i >= 0 and i != qid][:k]
+        hits += len(set(got) & set(want.tolist()))
+    return hits / max(1, truth.size)
+
+
+def calibrate(search: SearchFn, grid: Sequence[int], vectors: np.ndarray, query_ids: np.ndarray,
+              truth: np.ndarray, target: float) -> Calibrated:
+    """The first effort of ``grid`` (ascending) whose recall reaches ``target``; else the last one."""
+    k = truth.shape[1]
+    result = None
+    for effort in grid:
+        queries = np.asarray(vectors[query_ids], dtype=np.float32)
+        started = time.perf_counter()
+        found = np.concatenate([search(queries[i:i + 1], k + 1, effort) for i in range(len(queries))])
+        elapsed = time.perf_counter() - started
+        recall = recall_without_self(found, query_ids, truth)
+        result = Calibrated(int(effort), recall, len(queries) / max(elapsed, 1e-9), recall >= target)
+        if result.reached:
+            return result
+    if result is None:
+        raise ValueError("an empty grid")
+    log.warning("calibration did not reach recall %.3f (best %.3f at effort %d)", target, result.recall,
+                result.effort)
+    return result
+
+
+def geometric_grid(start: int, stop: int, factor: float = 1.5) -> list[int]:
+    """Increasing integers from ``start`` to ``stop`` (both included), each about ``factor`` times the last."""
+    start, stop = max(1, int(start)), max(1, int(stop))
+    out = [start]
+    while out[-1] < stop:
+        out.append(min(stop, max(out[-1] + 1, int(round(out[-1] * factor)))))
+    return out

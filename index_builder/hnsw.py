@@ -1,0 +1,63 @@
+"""HNSW graphs with faiss: built per index shard, written as one file, opened memory-mapped.
+
+``IndexHNSWFlat`` over the shard's unit vectors with the inner-product metric, so its
+distances are cosines. The file is faiss's own format, which faiss keeps readable across
+releases; it is data (graph and vectors), never code. Opening with ``IO_FLAG_MMAP |
+IO_FLAG_READ_ONLY`` maps the file instead of reading it, so the processes of one machine
+share one copy in the page cache. ``IO_FLAG_MMAP_IFC`` is the flag that maps the stored vectors
+(faiss's older ``IO_FLAG_MMAP`` reads them in): measured on a 44 MB shard, opening added 3.6 MB
+of resident memory (the graph links) instead of 44 MB.
+
+GPU note: faiss has no GPU HNSW; a GPU deployment would use ``faiss.index_cpu_to_gpu``
+with a flat or IVF index instead. HNSW here is the CPU path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+HNSW_FILE = "hnsw.faiss"
+DEFAULT_M = 16
+DEFAULT_EF_CONSTRUCTION = 80
+DEFAULT_EF_SEARCH = 64
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pinned in requirements.in; a worker image without it cannot build HNSW
+        raise RuntimeError("the hnsw index type needs faiss-cpu (pip install faiss-cpu, pinned in "
+                           "requirements.in), or build without it: --index-types annoy,lsh") from exc
+    return faiss
+
+
+def build(vectors: np.ndarray, path: str, m: int = DEFAULT_M, ef_construction: int = DEFAULT_EF_CONSTRUCTION) -> None:
+    """Builds an inner-product HNSW graph of ``vectors`` (ids 0..n-1) and writes it to ``path``."""
+    faiss = _faiss()
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = ef_construction
+    if len(vectors):
+        index.add(vectors)
+    faiss.write_index(index, path)
+
+
+def open_mapped(path: str):
+    """The index in ``path``, memory-mapped and read-only."""
+    faiss = _faiss()
+    return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+
+
+def search(index, queries: np.ndarray, n: int, ef_search: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (b, n) int64 with -1 pads, cosines (b, n) float32) with ``efSearch`` for this call only.
+
+    The search parameters travel with the call, so threads searching one index with
+    different efforts never race on the index's own setting.
+    """
+    faiss = _faiss()
+    params = faiss.SearchParametersHNSW()
+    params.efSearch = max(int(ef_search), n)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    scores, ids = index.search(q, n, params=params)
+    scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+    return ids.astype(np.int64), scores
