@@ -95,12 +95,15 @@ def _dev_features(workdir: Path, given: str | None) -> str:
 
 
 def _search_one_by_one(searcher, queries: np.ndarray, **opts: Any) -> tuple[np.ndarray, float]:
-    """Top-K of each query searched alone: (ids (q, K), queries per second)."""
+    """Top-K of each query searched alone, with one options record as a service holds it: (ids, q/s)."""
+    from serving.methods import SearchOptions
+
+    options = SearchOptions(k=K, **opts)
     out = np.full((len(queries), K), -1, np.int64)
-    searcher.search_arrays(queries[:5], k=K, **opts)  # warm caches and maps
+    searcher.search_arrays(queries[:5], options)  # warm caches and maps
     started = time.perf_counter()
     for i in range(len(queries)):
-        out[i] = searcher.search_arrays(queries[i:i + 1], k=K, **opts)[0][0]
+        out[i] = searcher.search_arrays(queries[i:i + 1], options)[0][0]
     return out, len(queries) / (time.perf_counter() - started)
 
 
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
     parser.add_argument("--queries", type=int, default=500)
-    parser.add_argument("--shard-items", type=int, default=250_000, help="items per index shard at scale")
+    parser.add_argument("--shard-items", type=int, default=1_000_000, help="items per index shard at scale")
     parser.add_argument("--features", default=None, help="an extract output of the dev photos (default: extract)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--hnsw-m", type=int, default=None)

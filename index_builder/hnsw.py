@@ -14,6 +14,8 @@ with a flat or IVF index instead. HNSW here is the CPU path.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 HNSW_FILE = "hnsw.faiss"
@@ -48,15 +50,21 @@ def open_mapped(path: str):
     return faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
 
 
+@functools.lru_cache(maxsize=64)
+def _params(ef_search: int):
+    """Search parameters per efSearch, made once: faiss only reads them, so threads may share one."""
+    params = _faiss().SearchParametersHNSW()
+    params.efSearch = ef_search
+    return params
+
+
 def search(index, queries: np.ndarray, n: int, ef_search: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids (b, n) int64 with -1 pads, cosines (b, n) float32) with ``efSearch`` for this call only.
 
     The search parameters travel with the call, so threads searching one index with
     different efforts never race on the index's own setting.
     """
-    faiss = _faiss()
-    params = faiss.SearchParametersHNSW()
-    params.efSearch = max(int(ef_search), n)
+    params = _params(max(int(ef_search), n))
     q = np.ascontiguousarray(queries, dtype=np.float32)
     scores, ids = index.search(q, n, params=params)
     scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)

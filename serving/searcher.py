@@ -40,6 +40,7 @@ from serving.methods import METHODS, Method, SearchOptions
 log = logging.getLogger(__name__)
 
 normalise_rows = topk.normalise_rows  # re-exported: callers normalise queries as the searcher does
+_DEFAULT_OPTIONS = SearchOptions()
 
 
 @dataclasses.dataclass
@@ -111,6 +112,7 @@ class Searcher:
         self._id_rank[np.argsort(np.asarray(self.image_ids, dtype=object), kind="stable")] = np.arange(
             len(self.image_ids)
         )
+        self._resolved_cache: dict[SearchOptions, SearchOptions] = {}
         self._threads = threads or min(8, max(2, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="cbir-search")
         log.info("opened %s: %d items in %d shards (%s)", self.version_dir, self.size, len(self.shards),
@@ -207,6 +209,14 @@ class Searcher:
         """``opts`` (default :class:`SearchOptions`) with ``overrides``, checked against this index."""
         return dataclasses.replace(opts or SearchOptions(), **overrides).resolve(self.available_methods)
 
+    def _resolved(self, opts: SearchOptions | None) -> SearchOptions:
+        """:meth:`options` without overrides, remembered per options record (a service reuses one)."""
+        key = opts or _DEFAULT_OPTIONS
+        found = self._resolved_cache.get(key)
+        if found is None:
+            found = self._resolved_cache[key] = self.options(key)
+        return found
+
     def search(self, vector: np.ndarray, opts: SearchOptions | None = None,
                exclude: tuple[int, int] | int | None = None, **overrides: Any) -> list[Hit]:
         """Top-k hits for one transformed query vector (normalised here).
@@ -235,15 +245,17 @@ class Searcher:
         padded with id -1 and score -inf. ``exclude`` holds one global id per query (-1
         for none).
         """
-        opts = self.options(opts, **overrides)
+        opts = self._resolved(opts) if not overrides else self.options(opts, **overrides)
         q = np.asarray(vectors, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries of shape {q.shape} do not match the index dimension {self.dim}")
-        if not np.all(np.isfinite(q)):
+        if not np.isfinite(q).all():
             raise ValueError("query vectors contain NaN or infinity")
         excl = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64).reshape(-1)
         if len(excl) != len(q):
             raise ValueError(f"exclude holds {len(excl)} ids for {len(q)} queries")
+        if len(q) <= opts.batch_size and opts.qe == 0:  # one batch: no copy into output arrays
+            return self._search_once(normalise_rows(q), opts, excl)
         out_ids = np.full((len(q), opts.k), -1, np.int64)
         out_scores = np.full((len(q), opts.k), -np.inf, np.float32)
         for lo in range(0, len(q), opts.batch_size):
@@ -282,8 +294,11 @@ class Searcher:
             return np.full((len(q), opts.k), -1, np.int64), np.full((len(q), opts.k), -np.inf, np.float32)
         parallel = all(m.parallel for m in methods)
         chunks = 1 if not parallel else max(1, min(len(q), -(-self._threads // len(shards))))
-        bounds = np.linspace(0, len(q), chunks + 1).astype(int)
-        tasks = [(s, lo, hi) for s in shards for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+        if chunks == 1:
+            tasks = [(s, 0, len(q)) for s in shards]
+        else:
+            bounds = np.linspace(0, len(q), chunks + 1).astype(int)
+            tasks = [(s, lo, hi) for s in shards for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
 
         def run(task):
             s, lo, hi = task
@@ -291,6 +306,10 @@ class Searcher:
 
         serial = len(tasks) == 1 or not parallel
         results = [run(t) for t in tasks] if serial else list(self._pool.map(run, tasks))
+        if len(tasks) == 1:  # one shard, one chunk: no concatenation
+            (s, _, _), (ids, scores) = tasks[0], results[0]
+            gids = np.where(ids >= 0, ids + self.offsets[s.number], -1) if s.number else ids
+            return topk.merge(gids, scores, opts.k, excl, self._id_rank)
         per_shard_ids: dict[int, list[np.ndarray]] = {}
         per_shard_scores: dict[int, list[np.ndarray]] = {}
         for (s, _, _), (ids, scores) in zip(tasks, results, strict=True):
