@@ -38,7 +38,7 @@ DATA = os.environ.get("CBIR_DATA_DIR", os.path.join(os.path.dirname(__file__), "
 
 
 def _photos(limit: int | None) -> tuple[str, list[str]]:
-    """A temporary folder of symlinks to the dev photos (both sets), so the pipeline reads exactly them."""
+    """A temporary folder with copies of the dev photos (both sets): readers do not follow links."""
     paths = sorted(glob.glob(os.path.join(DATA, "flowers17-dev", "*", "*.jpg")))
     paths += sorted(glob.glob(os.path.join(DATA, "imagenette-dev", "*", "*.JPEG")))
     if limit:
@@ -47,7 +47,7 @@ def _photos(limit: int | None) -> tuple[str, list[str]]:
     for p in paths:
         label = os.path.basename(os.path.dirname(p))
         os.makedirs(os.path.join(root, label), exist_ok=True)
-        os.symlink(os.path.abspath(p), os.path.join(root, label, os.path.basename(p)))
+        shutil.copyfile(p, os.path.join(root, label, os.path.basename(p)))
     return root, paths
 
 

@@ -33,6 +33,7 @@ LSH_OFFSETS = "lsh_offsets.npy"
 TRANSFORM_DIR = "transform_fn"
 TRANSFORMED_METADATA_DIR = "transformed_metadata"
 TRANSFORM_DATA_DIR = "transform"  # the transform as data (projection.npy, bias.npy): what queries apply
+ENCODER_DIR = "encoder"  # an index of autoencoder codes: the encoder as data (layers.json + .npy)
 ANNOY_FILE = "annoy.ann"
 VECTORS_FILE = "vectors.f16.npy"
 CODES_FILE = "lsh_codes.npy"

@@ -36,7 +36,7 @@ IDMAP_SCHEMA = pa.schema(
     ]
 )
 
-DEFAULT_ON_DISK_BYTES = 2 << 30
+DEFAULT_ON_DISK_BYTES = 1 << 30  # Annoy builds in its file above this: RAM for the vectors, not the trees
 
 
 INDEX_TYPES = ("annoy", "lsh", "hnsw")
@@ -212,9 +212,18 @@ def build_shard(
         np.save(os.path.join(out_dir, layout.MIH_OFFSETS_FILE), tables.offsets)
         np.save(os.path.join(out_dir, layout.MIH_IDS_FILE), tables.ids)
         seconds["lsh"] = round(time.monotonic() - t1, 3)
+    calibrating = params.target_recall > 0 and n > params.calibration_k + 1
+    query_ids = calibration.held_out_queries(n, params.calibration_queries, params.seed + shard) if calibrating \
+        else None
+    hnsw_calibrated = None
     if "hnsw" in params.index_types:
         t1 = time.monotonic()
-        hnsw.build(items.vectors, os.path.join(out_dir, hnsw.HNSW_FILE), params.hnsw_m, params.hnsw_ef_construction)
+        hnsw_calibrated = hnsw.build(
+            items.vectors, os.path.join(out_dir, hnsw.HNSW_FILE), params.hnsw_m, params.hnsw_ef_construction,
+            held_out=query_ids,
+            while_held_out=(lambda index: calibrate_hnsw(index, items.vectors, query_ids, params)) if calibrating
+            else None,
+        )
         seconds["hnsw"] = round(time.monotonic() - t1, 3)
     idmap = pa.Table.from_arrays(
         [
@@ -228,7 +237,9 @@ def build_shard(
     )
     pq.write_table(idmap, os.path.join(out_dir, layout.IDMAP_FILE))
     t1 = time.monotonic()
-    calibrated = calibrate_shard(out_dir, items.vectors, vectors16, codes, planes, offsets, shard, params)
+    calibrated = calibrate_shard(out_dir, items.vectors, vectors16, codes, planes, offsets, query_ids, params)
+    if calibrated is not None and hnsw_calibrated is not None:
+        calibrated["hnsw"] = hnsw_calibrated
     seconds["calibration"] = round(time.monotonic() - t1, 3)
     files = {}
     for name in sorted(os.listdir(out_dir)):
@@ -260,23 +271,26 @@ def build_shard(
     return info
 
 
-def calibrate_shard(out_dir: str, vectors: np.ndarray, vectors16: np.ndarray, codes: np.ndarray | None,
-                    planes: np.ndarray, offsets: np.ndarray | None, shard: int, params: ShardParams
-                    ) -> dict[str, Any] | None:
-    """Per index type, the smallest effort reaching ``params.target_recall`` on held-out items of this shard."""
-    n = len(vectors)
+def calibrate_hnsw(index: Any, vectors: np.ndarray, query_ids: np.ndarray, params: ShardParams) -> dict[str, Any]:
+    """The smallest efSearch reaching the target for items the graph does not hold yet (see hnsw.build)."""
     k = params.calibration_k
-    if params.target_recall <= 0 or n <= k + 1:
+    truth = calibration.exact_neighbours(vectors, query_ids, k, leave_out_all=True)
+    grid = [e for e in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048) if e >= k + 1]
+    found = calibration.calibrate(lambda q, m, ef: hnsw.search(index, q, m, ef)[0], grid, vectors, query_ids, truth,
+                                  params.target_recall)
+    return {**found.to_dict("ef_search"), "queries": "held out of the graph"}
+
+
+def calibrate_shard(out_dir: str, vectors: np.ndarray, vectors16: np.ndarray, codes: np.ndarray | None,
+                    planes: np.ndarray, offsets: np.ndarray | None, query_ids: np.ndarray | None,
+                    params: ShardParams) -> dict[str, Any] | None:
+    """Annoy and LSH: the smallest effort reaching ``params.target_recall`` on held-out items of this shard."""
+    k = params.calibration_k
+    n = len(vectors)
+    if query_ids is None:
         return None
-    query_ids = calibration.held_out_queries(n, params.calibration_queries, params.seed + shard)
     truth = calibration.exact_neighbours(vectors, query_ids, k)
     out: dict[str, Any] = {"k": k, "target_recall": params.target_recall, "queries": int(len(query_ids))}
-    if "hnsw" in params.index_types:
-        index = hnsw.open_mapped(os.path.join(out_dir, hnsw.HNSW_FILE))
-        grid = [e for e in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048) if e >= k + 1]
-        found = calibration.calibrate(lambda q, m, ef: hnsw.search(index, q, m, ef)[0], grid, vectors, query_ids,
-                                      truth, params.target_recall)
-        out["hnsw"] = found.to_dict("ef_search")
     if "annoy" in params.index_types:
         index = AnnoyIndex(vectors.shape[1], layout.METRIC)
         index.load(os.path.join(out_dir, layout.ANNOY_FILE))

@@ -48,7 +48,7 @@ def backbone_fingerprint(manifest: IndexManifest) -> str:
     encoder = manifest.model.get("encoder")
     if not encoder:
         return manifest.model_fingerprint
-    if encoder_fingerprint(encoder.get("source_fingerprint"), encoder["saved_model_digest"]) \
+    if encoder_fingerprint(encoder.get("source_fingerprint"), encoder.get("weights_digest")) \
             != manifest.model_fingerprint:
         raise ValueError("the index's encoder record does not match its model fingerprint: rebuild it")
     return encoder["source_fingerprint"]

@@ -11,6 +11,7 @@ Serving all apply the same graph.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -144,3 +145,78 @@ def load_encoder(path: str):
 
     encode.loaded = loaded
     return encode
+
+
+ENCODER_DATA_DIR = "weights"  # inside an encoder folder: the encoder as data (layers.json + .npy)
+LAYERS_FILE = "layers.json"
+
+
+def export_weights(trained: TrainedEncoder, folder: str) -> list[str]:
+    """Writes the encoder as data: ``layers.json`` (activations, shapes) and one .npy per kernel and bias.
+
+    The encoder is an L2 step followed by dense layers; as data it can be applied by numpy
+    (:class:`NumpyEncoder`) wherever the codes are made or queried, so an index of codes never
+    has to load a SavedModel. Returns the file names written.
+    """
+    import keras
+
+    os.makedirs(folder, exist_ok=True)
+    layers, names = [], []
+    for layer in trained.encoder.layers:
+        if not isinstance(layer, keras.layers.Dense):
+            continue
+        kernel, bias = (np.asarray(w, np.float32) for w in layer.get_weights())
+        i = len(layers)
+        for kind, value in (("kernel", kernel), ("bias", bias)):
+            name = f"dense_{i}_{kind}.npy"
+            np.save(os.path.join(folder, name), value, allow_pickle=False)
+            names.append(name)
+        activation = keras.activations.serialize(layer.activation)
+        activation = activation if isinstance(activation, str) else activation.get("config", {}).get("name", "linear")
+        layers.append({"kernel": f"dense_{i}_kernel.npy", "bias": f"dense_{i}_bias.npy", "activation": activation})
+    with open(os.path.join(folder, LAYERS_FILE), "w") as f:
+        json.dump({"input": "l2", "input_dim": trained.input_dim, "layers": layers}, f, indent=2, sort_keys=True)
+    return [LAYERS_FILE, *names]
+
+
+class NumpyEncoder:
+    """The feature encoder applied from its data: features (n, D) → codes (n, C); no TensorFlow, no code loaded."""
+
+    ACTIVATIONS = {"linear": lambda x: x, "relu": lambda x: np.maximum(x, 0)}
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray, str]]):
+        for _, _, activation in layers:
+            if activation not in self.ACTIVATIONS:
+                raise ValueError(f"encoder activation {activation!r} is not one of {sorted(self.ACTIVATIONS)}")
+        self.layers = layers
+
+    @classmethod
+    def load(cls, folder: str, read: Any = None) -> NumpyEncoder:
+        """From ``folder`` (local, or through ``read(path) -> bytes`` for other filesystems)."""
+        import io
+
+        read = read or (lambda p: open(p, "rb").read())
+        spec = json.loads(read(os.path.join(folder, LAYERS_FILE)))
+        layers = []
+        for layer in spec["layers"]:
+            kernel = np.load(io.BytesIO(read(os.path.join(folder, layer["kernel"]))), allow_pickle=False)
+            bias = np.load(io.BytesIO(read(os.path.join(folder, layer["bias"]))), allow_pickle=False)
+            layers.append((kernel.astype(np.float32), bias.astype(np.float32), layer["activation"]))
+        return cls(layers)
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        x = np.asarray(features, np.float32)
+        x = x / np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x))[:, None], np.float32(1e-12))
+        for kernel, bias, activation in self.layers:
+            x = self.ACTIVATIONS[activation](x @ kernel + bias)
+        return x
+
+
+def weights_digest(folder: str) -> str:
+    """sha256 over the encoder's data files (names and contents, sorted): what its codes depend on."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        h.update(name.encode() + b"\0")
+        with open(os.path.join(folder, name), "rb") as f:
+            h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()

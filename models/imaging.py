@@ -22,7 +22,11 @@ from PIL import Image, ImageFile
 # Refuse truncated files instead of padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: larger than any camera; smaller than Pillow's bomb limit
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: larger than any camera
+DEFAULT_MAX_DECODE_BYTES = 1_000_000_000  # the most one image's decode may cost, all copies counted
+# Our checks govern (the pixel limit and the byte budget, both on the header before any pixel is
+# decoded); Pillow's own bomb check would refuse at twice its built-in 89 MP with its own numbers.
+Image.MAX_IMAGE_PIXELS = None
 RESIZE_METHOD = "bilinear-squash"  # whole frame resized to a square, as the bottleneck recipe does
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG also opens MPO (camera) files
 _DRAFT_FORMATS = ("JPEG", "MPO")
@@ -48,6 +52,14 @@ class ImageTooLargeError(ImageDecodeError):
     """The header claims more pixels than the configured limit."""
 
 
+class DecodeBudgetError(ImageTooLargeError):
+    """Decoding this image (with its conversion copies) would cost more memory than the budget."""
+
+
+class TruncatedImageError(ImageDecodeError):
+    """The file holds far too little data for the size its header claims."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodedImage:
     pixels: np.ndarray  # uint8, (size, size, 3)
@@ -57,12 +69,17 @@ class DecodedImage:
     reduced_scale: int  # 1 when decoded in full, 2/4/8 when JPEG draft mode was used
 
 
+_CHUNK_PIXELS = 1 << 20  # high-bit-depth conversion works on this many pixels at a time
+
+
 def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
     """16-bit and 32-bit single-channel modes → 8-bit 'L', scaled by the range the mode implies.
 
     ``I;16*`` is 16-bit by definition. ``I`` (32-bit int) and ``F`` (float) carry no
     declared range, so the data decides: floats within [0, 1] are unit-scaled, values
-    above 255 are taken as 16-bit.
+    above 255 are taken as 16-bit. The conversion runs on row blocks in float32, so its
+    temporaries stay at a few MB whatever the image size (float64 over a whole 100 MP
+    image cost 2.5 GB).
     """
     arr = np.asarray(im)
     if im.mode.startswith("I;16"):
@@ -75,8 +92,15 @@ def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
             hi = 255.0
         else:
             hi = 65535.0
-    scaled = np.nan_to_num(arr.astype(np.float64) / hi * 255.0 + 0.5, nan=0.0)
-    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, _CHUNK_PIXELS // max(1, arr.shape[1] if arr.ndim > 1 else 1))
+    scale = np.float32(255.0 / hi)
+    for start in range(0, arr.shape[0], rows):
+        block = arr[start:start + rows].astype(np.float32) * scale + np.float32(0.5)
+        np.nan_to_num(block, copy=False, nan=0.0)
+        np.clip(block, 0, 255, out=block)
+        out[start:start + rows] = block
+    return Image.fromarray(out, mode="L")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -108,39 +132,55 @@ def _orientation(im: Image.Image) -> int:
     return value if value in _ORIENTATION_OPS else 1
 
 
-def _ensure_pillow_allows(max_pixels: int) -> None:
-    """Pillow refuses images above twice its own limit in ``Image.open``; ours must govern.
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+                    "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2,
+                    "I": 4, "F": 4}
 
-    Raised (never lowered) only when a caller asks for a limit above Pillow's, so the
-    check below stays the single source of the refusal.
+
+def decode_cost(mode: str, fmt: str, pixels: int, transparent: bool = False) -> int:
+    """Bytes at the peak of decoding ``pixels`` pixels of this mode and format into RGB, all copies counted.
+
+    Per decoded pixel: the decoded buffer, the EXIF transpose copy, and what :func:`_to_rgb`
+    makes on the way to RGB: transparency composited on white (an RGBA copy, a white RGBA
+    canvas and the composite), high-bit-depth conversion (a uint8 plane; row blocks), the RGB
+    result. WebP decodes through an RGBA buffer of libwebp's own first. Measured peaks on
+    25 MP images stayed below these estimates (tests/models/test_imaging.py).
     """
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and max_pixels > limit:
-        Image.MAX_IMAGE_PIXELS = max_pixels
+    bpp = _BYTES_PER_PIXEL.get(mode, 4)
+    cost = 2 * bpp + 3  # decoded, transposed, RGB
+    if transparent or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        cost += 12  # RGBA copy, white canvas, composite
+    if mode in ("F", "I") or mode.startswith("I;16"):
+        cost += 1 + 3  # L plane, then RGB
+    if fmt == "WEBP":
+        cost += 8  # libwebp's RGBA output before Pillow copies it
+    return cost * pixels
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Opens ``data`` lazily (header only) and refuses it before any pixel is decoded.
 
     Raises :class:`ImageDecodeError` for empty input, :class:`ImageTooLargeError` when the
-    header claims more than ``max_pixels``, and Pillow's ``UnidentifiedImageError`` for bytes
-    that are not one of :data:`SUPPORTED_FORMATS`.
+    header claims more than ``max_pixels``, :class:`TruncatedImageError` for a JPEG with far
+    too little data for its size, and Pillow's ``UnidentifiedImageError`` for bytes that are
+    not one of :data:`SUPPORTED_FORMATS`.
     """
     if not data:
         raise ImageDecodeError("empty file")
-    _ensure_pillow_allows(max_pixels)
-    with warnings.catch_warnings():
-        # Pillow only warns between one and two times its own limit; we enforce ours.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(str(exc)) from exc
+    im = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     w, h = im.size
     if w <= 0 or h <= 0:
         raise ImageDecodeError(f"invalid size {w}x{h}")
     if w * h > max_pixels:
-        raise ImageTooLargeError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+        raise ImageTooLargeError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (--max-pixels)")
+    if im.format in _DRAFT_FORMATS:
+        # A baseline JPEG spends at least about one bit on each 8x8 luma block even when the picture is
+        # flat; far less than that means the entropy-coded data was cut off, and libjpeg would pad the
+        # missing blocks with grey instead of failing.
+        floor = (-(-w // 8)) * (-(-h // 8)) // 8
+        if len(data) < floor // 4:
+            raise TruncatedImageError(f"{len(data):,} bytes cannot hold a {w}x{h} JPEG (at least ~{floor:,} "
+                                      "expected): the file is truncated")
     return im
 
 
@@ -150,6 +190,7 @@ def decode_and_resize(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     reduced_decode: bool = True,
     draft_side: int | None = None,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> DecodedImage:
     """Decodes ``data`` and resizes it to ``size`` x ``size`` RGB uint8.
 
@@ -172,6 +213,12 @@ def decode_and_resize(
         if reduced_decode and fmt in _DRAFT_FORMATS and min(w, h) >= 2 * side:
             im.draft("RGB", (side, side))
             scale = max(1, round(w / im.size[0]))
+        dw, dh = im.size  # what will actually be decoded (after a JPEG draft reduction)
+        cost = decode_cost(im.mode, fmt, dw * dh, "transparency" in im.info)
+        if cost > max_decode_bytes:
+            raise DecodeBudgetError(
+                f"decoding this {fmt} {w}x{h} ({im.mode}) would need about {cost / 1e6:,.0f} MB, more than the "
+                f"budget of {max_decode_bytes / 1e6:,.0f} MB per image")
         im.load()
         # After load: PNG may keep its eXIf chunk behind the pixel data.
         orientation = _orientation(im)

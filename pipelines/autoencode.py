@@ -38,15 +38,14 @@ log = logging.getLogger(__name__)
 
 
 class EncodeTableFn(beam.DoFn):
-    """Arrow feature table → FeatureRows of codes; the encoder loads once per worker."""
+    """Arrow feature table → FeatureRows of codes; the encoder's data loads once per worker (numpy, no TF)."""
 
-    def __init__(self, encoder_dir: str):
-        self._dir = encoder_dir
+    def __init__(self, weights_dir: str):
+        self._dir = weights_dir
         self._rows = Metrics.counter("cbir", "encoded")
 
     def setup(self):
-        self._local = fsutil.localise_tree(self._dir)
-        self._encode = autoencoder.load_encoder(self._local)
+        self._encode = autoencoder.NumpyEncoder.load(self._dir, read=fsutil.read_bytes)
 
     def process(self, table):
         codes = self._encode(features_io.feature_matrix(table))
@@ -78,7 +77,8 @@ def run(features: str, output: str, cfg: autoencoder.AutoencoderConfig, train_sa
     local = tempfile.mkdtemp(prefix="cbir-encoder-")
     try:
         autoencoder.export(trained, local, {"source_fingerprint": source.model_fingerprint})
-        encoder_digest = file_digest(os.path.join(local, "saved_model.pb"))
+        autoencoder.export_weights(trained, os.path.join(local, autoencoder.ENCODER_DATA_DIR))
+        encoder_digest = autoencoder.weights_digest(os.path.join(local, autoencoder.ENCODER_DATA_DIR))
         encoder_dir = fsutil.join(staging, "encoder")
         for root, _, names in os.walk(local):
             for name in names:
@@ -92,7 +92,7 @@ def run(features: str, output: str, cfg: autoencoder.AutoencoderConfig, train_sa
         p
         | "Files" >> beam.Create(files)
         | "Read" >> beam.io.ReadAllFromParquetBatched()
-        | "Encode" >> beam.ParDo(EncodeTableFn(encoder_dir))
+        | "Encode" >> beam.ParDo(EncodeTableFn(fsutil.join(encoder_dir, autoencoder.ENCODER_DATA_DIR)))
         | "Write" >> features_io.WriteFeatureParquet(fsutil.join(staging, "features", "part"),
                                                      features_io.feature_schema(cfg.code_dim))
     )
@@ -122,7 +122,10 @@ def _publish(output: str, run_id: str, staging: str, encoder_dir: str, source: F
     encoder_files = fsutil.match(fsutil.join(encoder_dir, "**"))
     moves = [(src, fsutil.join(final_encoder, src[len(encoder_dir) + 1:])) for src in encoder_files]
     encoder_desc = {"kind": "denoising_autoencoder" if cfg.denoising else "autoencoder",
-                    "config": dataclasses.asdict(cfg), "saved_model_digest": encoder_digest,
+                    "config": dataclasses.asdict(cfg), "weights_digest": encoder_digest,
+                    "weights": autoencoder.ENCODER_DATA_DIR,
+                    "saved_model_digest": file_digest(fsutil.join(encoder_dir, "saved_model.pb"))
+                    if "://" not in encoder_dir else None,
                     "path": final_encoder, "val_loss": min(trained.history["val_loss"]),
                     "source_fingerprint": source.model_fingerprint}
     manifest = FeaturesManifest(

@@ -58,11 +58,13 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or usage: the message says what and how to fix it."""
     from index_builder.layout import IndexIntegrityError
     from index_builder.manifests import ManifestError
+    from index_builder.signing import SignatureError
     from models.weights import WeightsNotFoundError
     from serving.compatibility import ModelMismatchError, TransformMismatchError
+    from transforms.lease import LeaseHeldError
 
     return (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ManifestError, IndexIntegrityError,
-            WeightsNotFoundError, ModelMismatchError, TransformMismatchError)
+            WeightsNotFoundError, ModelMismatchError, TransformMismatchError, SignatureError, LeaseHeldError)
 
 
 def main(argv: list[str] | None = None) -> int:

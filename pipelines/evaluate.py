@@ -51,6 +51,7 @@ class EvaluateConfig:
     seed: int = 0
     verify: bool = True
     plot: str | None = None
+    signing_key: bytes | None = None
 
 
 def pick_queries(n_items: int, sample: int, seed: int) -> np.ndarray:
@@ -198,8 +199,9 @@ def plot_pr(report: dict[str, Any]) -> bytes:
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
-    version, _ = index_files.resolve(cfg.index, cfg.version)
-    with Searcher(index_files.localise(cfg.index, version), version=version, verify=cfg.verify) as searcher:
+    version, _ = index_files.resolve(cfg.index, cfg.version, cfg.signing_key)
+    with Searcher(index_files.localise(cfg.index, version), version=version, verify=cfg.verify,
+                  signing_key=cfg.signing_key) as searcher:
         report = evaluate(searcher, cfg)
     if cfg.plot:
         fsutil.write_bytes_atomic(cfg.plot, plot_pr(report))
@@ -208,7 +210,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def register(subparsers: Any) -> None:
-    from pipelines.options import add_search_args, non_negative_int
+    from pipelines.options import add_search_args, add_signing_arg, non_negative_int
 
     p = subparsers.add_parser("evaluate", help="leave-one-out mAP, precision@k, recall@k of an index")
     p.add_argument("--index", required=True)
@@ -222,16 +224,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", default=None, help="write the precision–recall curve to this PNG")
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not digests")
+    add_signing_arg(p)
     p.set_defaults(handler=main, beam=False)
 
 
 def main(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipelines.options import search_options
+    from pipelines.options import search_options, signing_key
 
     cfg = EvaluateConfig(
         index=args.index, version=args.version, search=search_options(args),
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        sample=args.sample, seed=args.seed, verify=not args.no_verify, plot=args.plot,
+        sample=args.sample, seed=args.seed, verify=not args.no_verify, plot=args.plot, signing_key=signing_key(args),
     )
     report = run(cfg)
     if args.json:

@@ -66,6 +66,7 @@ class ExtractConfig:
     max_failure_fraction: float | None = None
     previous: str | None = None  # an earlier extract output whose features may be reused
     decode_threads: int = 0  # 0: one per core (transforms.decode)
+    allow_uri_prefixes: tuple[str, ...] = ()  # parquet: uri cells read only under these (and relative ones)
 
 
 def build(
@@ -118,7 +119,7 @@ def _feature_dim(spec: ModelSpec) -> int:
 
 def run(cfg: ExtractConfig, beam_args: list[str] | None = None) -> FeaturesManifest:
     """Runs the job to completion and publishes it; returns the manifest."""
-    spec = InputSpec.parse(cfg.input)
+    spec = InputSpec.parse(cfg.input, cfg.allow_uri_prefixes)
     listed = spec.list()  # the count everything must add up to; fails at launch when empty
     model_desc = cfg.model.describe()  # resolves weights here: a missing file fails before any work
     model_desc["reduced_decode"] = cfg.reduced_decode  # the query path decodes the same way
@@ -271,6 +272,9 @@ def register(subparsers: Any) -> None:
                     help="decode threads per worker step (default: one per core, at most 8; 1 = no pool)")
     ex.add_argument("--max-failure-fraction", type=fraction, default=None,
                     help="exit 3 (after writing outputs) when more than this fraction of the inputs failed")
+    ex.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
+                    help="parquet: also read absolute uri cells under PREFIX (repeatable); relative uris always "
+                         "resolve inside the Parquet file's folder")
     ex.add_argument("--previous", default=None,
                     help="an earlier extract output: unchanged images (same sha256 and model) are copied")
     ex.set_defaults(handler=main, beam=True)
@@ -294,6 +298,7 @@ def main(args: Any, beam_args: list[str]) -> int:
         max_failure_fraction=args.max_failure_fraction,
         previous=args.previous,
         decode_threads=args.decode_threads,
+        allow_uri_prefixes=tuple(args.allow_uri_prefix),
     )
     try:
         manifest = run(cfg, beam_args)

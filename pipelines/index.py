@@ -31,7 +31,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from index_builder import calibration, hnsw, layout, lsh
+from index_builder import calibration, hnsw, layout, lsh, signing
 from index_builder.manifests import (
     Accounting,
     AnnoyParams,
@@ -66,6 +66,7 @@ from transforms.index_build import (
     make_preprocessing_fn,
     tensor_adapter_config,
 )
+from transforms.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class IndexConfig:
     target_recall: float = calibration.DEFAULT_TARGET  # 0: no calibration (library defaults)
     lsh_projection: str = "itq"
     lsh_sample: int = 20_000  # vectors the LSH projection is fitted on
+    signing_key_file: str | None = None  # sign the manifest (HMAC-SHA256) with this key
 
     def validate(self) -> None:
         if self.lsh_bits not in lsh.SUPPORTED_BITS:
@@ -130,11 +132,20 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> IndexManifest:
         raise ValueError(f"{cfg.features} holds no features: nothing to index")
     if cfg.dims and n_items < dim_out:
         log.warning("only %d items for a %d-d PCA: trailing axes will be noise", n_items, dim_out)
+    key = signing.load_key(cfg.signing_key_file) if cfg.signing_key_file else None
     version = layout.new_version()
+    with Lease(cfg.output, version, cfg.stale_after_seconds):  # one build per output at a time
+        return _build_and_publish(cfg, features_manifest, files, dim_in, dim_out, n_items, version, key, beam_args)
+
+
+def _build_and_publish(cfg: IndexConfig, features_manifest: FeaturesManifest, files: list[str], dim_in: int,
+                       dim_out: int, n_items: int, version: str, key: bytes | None,
+                       beam_args: list[str] | None) -> IndexManifest:
     staging = fsutil.join(cfg.output, layout.STAGING, version)  # GC'd by version name, not by run (collect_garbage)
     started = time.time()
     log.info("index %d items from %s -> %s (%s, %d shards, %s)", n_items, cfg.features, cfg.output, version,
              cfg.shards, "+".join(cfg.index_types))
+    _copy_encoder(features_manifest, staging)
     fit_result = _fit(cfg, files, dim_in, dim_out if cfg.dims else 0, staging, beam_args)
     transform, planes, offsets = _transform_as_data(cfg, staging, dim_in, dim_out)
     p = beam.Pipeline(options=pipeline_options(beam_args))
@@ -157,7 +168,8 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> IndexManifest:
     counters = {**job_metrics.collect(fit_result, ("cbir_index",), distributions=False),
                 **job_metrics.collect(result, ("cbir_index",), distributions=False)}
     try:
-        manifest = publish(cfg, version, staging, features_manifest, dim_in, dim_out, elapsed, counters, transform)
+        manifest = publish(cfg, version, staging, features_manifest, dim_in, dim_out, elapsed, counters, transform,
+                           key)
     except protocol.PublishRefusedError:
         protocol.discard_staging(staging)  # a refused build is dead: nothing of it is worth keeping
         raise
@@ -194,6 +206,23 @@ def _fit(cfg: IndexConfig, files: list[str], dim_in: int, dims: int, staging: st
         result = p.run()
         result.wait_until_finish()
     return result
+
+
+def _copy_encoder(features_manifest: FeaturesManifest, staging: str) -> None:
+    """An index of autoencoder codes carries the encoder as data, so a query never loads it from elsewhere."""
+    encoder = features_manifest.encoder
+    if not encoder:
+        return
+    from models.autoencoder import ENCODER_DATA_DIR, weights_digest
+
+    source = fsutil.join(encoder["path"], encoder.get("weights", ENCODER_DATA_DIR))
+    local = fsutil.localise_tree(source)
+    if weights_digest(local) != encoder.get("weights_digest"):
+        raise IndexBuildError(f"the encoder data at {source} is not the encoder these codes were made with "
+                              "(weights digest differs): re-run cbir autoencode")
+    for name in sorted(os.listdir(local)):
+        with open(os.path.join(local, name), "rb") as f:
+            fsutil.write_bytes_atomic(fsutil.join(staging, layout.ENCODER_DIR, name), f.read())
 
 
 SAMPLE_FILE = "_lsh_sample.npy"  # raw vectors the LSH projection is fitted on; not part of the version
@@ -294,6 +323,7 @@ def publish(
     elapsed: float,
     metrics: dict[str, int] | None = None,
     transform: VectorTransform | None = None,
+    signing_key: bytes | None = None,
 ) -> IndexManifest:
     """Checks the build's counts, moves it into ``<output>/<version>``, commits its manifest, switches ``LATEST``."""
     attempts = choose_attempts(staging, cfg.shards)
@@ -311,7 +341,7 @@ def publish(
             moves.append((fsutil.join(folder, name), f"{layout.shard_dir(s)}/{name}"))
         files[f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"] = _digest(fsutil.join(folder, layout.SHARD_INFO))
         moves.append((fsutil.join(folder, layout.SHARD_INFO), f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"))
-    for sub in (layout.TRANSFORM_DIR, layout.TRANSFORMED_METADATA_DIR, layout.TRANSFORM_DATA_DIR):
+    for sub in (layout.TRANSFORM_DIR, layout.TRANSFORMED_METADATA_DIR, layout.TRANSFORM_DATA_DIR, layout.ENCODER_DIR):
         found = fsutil.match(fsutil.join(staging, sub, "**"))
         if sub == layout.TRANSFORM_DIR and not found:
             raise IndexBuildError(f"{staging} has no {sub}/: the tf.Transform fit did not complete")
@@ -366,6 +396,9 @@ def publish(
     moves = [(src, fsutil.join(final, rel)) for src, rel in moves]
     fsutil.move([src for src, _ in moves], [dst for _, dst in moves])
     _check_in_place(final, files)
+    if signing_key is not None:  # before the commit point, so a committed signed version is never unsigned
+        fsutil.write_bytes_atomic(fsutil.join(final, signing.SIGNATURE_FILE),
+                                  signing.sign(protocol.manifest_bytes(manifest), signing_key).encode())
     protocol.commit(final, manifest, [], staging)  # the commit point: the version's MANIFEST.json
     fsutil.write_json_atomic(fsutil.join(cfg.output, layout.POINTER), {"version": version})
     log.info("published %s: %d items in %d shards, %.1f MB", version, total, cfg.shards, manifest.bytes / 1e6)
@@ -469,6 +502,8 @@ def register(subparsers: Any) -> None:
                     help="recall@10 each index type is calibrated to per shard (0: no calibration)")
     ix.add_argument("--lsh-projection", choices=lsh.PROJECTIONS, default="itq",
                     help="how LSH hyperplanes are made (itq: learned PCA-ITQ rotation)")
+    ix.add_argument("--signing-key", default=None, metavar="FILE",
+                    help="sign the version's manifest with HMAC-SHA256 under this key (readers given it refuse others)")
     ix.set_defaults(handler=main, beam=True)
 
 
@@ -479,7 +514,7 @@ def main(args: Any, beam_args: list[str]) -> int:
         stale_after_seconds=args.stale_after_hours * 3600,
         index_types=tuple(t.strip() for t in args.index_types.split(",") if t.strip()),
         hnsw_m=args.hnsw_m, hnsw_ef_construction=args.hnsw_ef_construction, target_recall=args.target_recall,
-        lsh_projection=args.lsh_projection,
+        lsh_projection=args.lsh_projection, signing_key_file=args.signing_key,
         **({"annoy_on_disk_bytes": args.annoy_on_disk_mb << 20} if args.annoy_on_disk_mb else {}),
     )
     print_summary(run(cfg, beam_args))

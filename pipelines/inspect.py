@@ -36,7 +36,7 @@ def _projector(args: argparse.Namespace, _beam_args) -> int:
 
     def read(uri: str) -> bytes | None:
         try:
-            return fsutil.read_bytes(uri)
+            return fsutil.read_input(uri)
         except Exception:
             return None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -61,6 +62,7 @@ class NeighborsConfig:
     chunk_size: int = 2048
     num_shards: int = 0  # output files; 0 lets the runner decide
     verify: bool = True
+    signing_key: bytes | None = None  # checked on the launcher; workers get the manifest's digest, not the key
 
 
 # -- the job ----------------------------------------------------------------------------------------
@@ -69,18 +71,20 @@ class NeighborsConfig:
 class NeighborsFn(beam.DoFn):
     """(shard, start, end) → Arrow tables of neighbour rows; the searcher is opened once per worker."""
 
-    def __init__(self, index: str, version: str, opts: NeighborOptions, verify: bool):
+    def __init__(self, index: str, version: str, opts: NeighborOptions, verify: bool, manifest_sha256: str):
         self._index = index
         self._version = version
         self._opts = opts
         self._verify = verify
+        self._manifest_sha256 = manifest_sha256
         self._rows = Metrics.counter("cbir_neighbors", "rows")
         self._with_dups = Metrics.counter("cbir_neighbors", "rows_with_duplicates")
         self._batch_ms = Metrics.distribution("cbir_neighbors", "batch_ms")
 
     def setup(self) -> None:
         root = index_files.localise(self._index, self._version)
-        self._searcher = Searcher(root, version=self._version, verify=self._verify)
+        self._searcher = Searcher(root, version=self._version, verify=self._verify,
+                                  manifest_sha256=self._manifest_sha256)
         self._dups = DuplicateGroups(self._searcher.sha256, self._searcher.image_ids)
 
     def process(self, chunk: tuple[int, int, int]):
@@ -105,7 +109,8 @@ def run(cfg: NeighborsConfig, beam_args: list[str] | None = None) -> NeighborsMa
     """Runs the job to completion and publishes it; returns the manifest."""
     if os.path.normpath(cfg.output) == os.path.normpath(cfg.index):
         raise ValueError("--output must not be the index folder")
-    version, index_manifest = index_files.resolve(cfg.index, cfg.version)
+    version, index_manifest = index_files.resolve(cfg.index, cfg.version, cfg.signing_key)
+    manifest_sha256 = hashlib.sha256(fsutil.read_bytes(fsutil.join(cfg.index, version, layout.MANIFEST))).hexdigest()
     available = ("exact", *index_manifest.index_types)
     cfg.options = dataclasses.replace(cfg.options, search=cfg.options.search.resolve(available))
     work = chunks(list(index_manifest.items_per_shard or _items_per_shard(cfg.index, version, index_manifest)),
@@ -120,7 +125,7 @@ def run(cfg: NeighborsConfig, beam_args: list[str] | None = None) -> NeighborsMa
         p
         | "Chunks" >> beam.Create(work)
         | "Spread" >> beam.Reshuffle()
-        | "Neighbors" >> beam.ParDo(NeighborsFn(cfg.index, version, cfg.options, cfg.verify))
+        | "Neighbors" >> beam.ParDo(NeighborsFn(cfg.index, version, cfg.options, cfg.verify, manifest_sha256))
         | "Write" >> beam.io.WriteToParquetBatched(
             fsutil.join(staging, PARTS, "part"), schema=SCHEMA, file_name_suffix=".parquet",
             num_shards=cfg.num_shards, codec="snappy",
@@ -184,7 +189,7 @@ def read_neighbors(output: str):
 
 
 def register(subparsers: Any) -> None:
-    from pipelines.options import add_search_args, non_negative_int, positive_int
+    from pipelines.options import add_search_args, add_signing_arg, non_negative_int, positive_int
 
     p = subparsers.add_parser("neighbors", help="top-k neighbours of every indexed item → Parquet (Beam job)")
     p.add_argument("--index", required=True)
@@ -196,16 +201,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-duplicates", type=non_negative_int, default=100, help="duplicate_ids listed per row")
     p.add_argument("--num-files", type=non_negative_int, default=0, help="output files (default: the runner decides)")
     p.add_argument("--no-verify", action="store_true", help="workers check file sizes only, not digests")
+    add_signing_arg(p)
     p.set_defaults(handler=main, beam=True)
 
 
 def main(args: argparse.Namespace, beam_args: list[str]) -> int:
-    from pipelines.options import search_options
+    from pipelines.options import search_options, signing_key
 
     opts = NeighborOptions(search=search_options(args, batch_size=args.batch_size),
                            max_duplicates=args.max_duplicates)
     cfg = NeighborsConfig(index=args.index, output=args.output, version=args.version, options=opts,
-                          chunk_size=args.chunk_size, num_shards=args.num_files, verify=not args.no_verify)
+                          chunk_size=args.chunk_size, num_shards=args.num_files, verify=not args.no_verify,
+                          signing_key=signing_key(args))
     m = run(cfg, beam_args)
     dups = m.counts.rows_with_duplicates
     so = opts.search

@@ -102,6 +102,17 @@ def add_search_args(p: argparse.ArgumentParser, method: str = "auto", k: int = 1
                    help="candidates per shard for every method (default: each method's own)")
 
 
+def add_signing_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--signing-key", default=None, metavar="FILE",
+                   help="refuse index versions not signed with this key (cbir index --signing-key)")
+
+
+def signing_key(args: argparse.Namespace) -> bytes | None:
+    from index_builder.signing import load_key
+
+    return load_key(args.signing_key) if getattr(args, "signing_key", None) else None
+
+
 def search_options(args: argparse.Namespace, **overrides) -> SearchOptions:
     fields = {
         "k": args.k, "method": args.method, "rerank": args.rerank, "qe": args.qe, "qe_alpha": args.qe_alpha,

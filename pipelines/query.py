@@ -37,7 +37,7 @@ class ServingOptions:
 
 def _read_or_none(uri: str) -> bytes | None:
     try:
-        return fsutil.read_bytes(uri)
+        return fsutil.read_input(uri)
     except Exception:
         return None
 
@@ -55,14 +55,16 @@ def run_query(
     sheet: str | None = None,
     verify: bool = True,
     serving: ServingOptions | None = None,
+    signing_key: bytes | None = None,
+    model: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
     """Returns (result rows, failures, timings); all images go through the model as one batch
     (with ``serving``, as batches of requests to TF Serving)."""
     t0 = time.perf_counter()
-    searcher = Searcher(index, version=version, verify=verify)
+    searcher = Searcher(index, version=version, verify=verify, signing_key=signing_key)
     t1 = time.perf_counter()
     if serving is None:
-        embedder = open_embedder(searcher.version_dir, searcher.manifest, weights_dir)
+        embedder = open_embedder(searcher.version_dir, searcher.manifest, weights_dir, model=model)
     else:
         from serving.client import ServingEmbedder, make_client
 
@@ -101,7 +103,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def register(subparsers: Any) -> None:
-    from pipelines.options import add_search_args
+    from pipelines.options import add_search_args, add_signing_arg
 
     q = subparsers.add_parser("query", help="image files → nearest neighbours")
     q.add_argument("--index", required=True)
@@ -112,6 +114,9 @@ def register(subparsers: Any) -> None:
     q.add_argument("--version", default=None, help="index version (default: LATEST)")
     q.add_argument("--no-verify", action="store_true", help="check file sizes only, not digests")
     q.add_argument("--weights-dir", default=None)
+    q.add_argument("--model", default=None,
+                   help="savedmodel:PATH for an index built with a SavedModel backbone (never taken from the index)")
+    add_signing_arg(q)
     q.add_argument("--serving", default=None, metavar="HOST:PORT",
                    help="embed the queries with TensorFlow Serving (cbir export-model) instead of the local model")
     q.add_argument("--serving-protocol", choices=("grpc", "rest"), default="grpc",
@@ -123,7 +128,7 @@ def register(subparsers: Any) -> None:
 
 
 def main(args: Any, beam_args: list[str]) -> int:
-    from pipelines.options import search_options
+    from pipelines.options import search_options, signing_key
     from serving.client import ServingError
 
     serving = None
@@ -132,7 +137,8 @@ def main(args: Any, beam_args: list[str]) -> int:
     try:
         rows, failures, timings = run_query(
             args.index, args.images, search_options(args), version=args.version, weights_dir=args.weights_dir,
-            sheet=args.sheet, verify=not args.no_verify, serving=serving,
+            sheet=args.sheet, verify=not args.no_verify, serving=serving, signing_key=signing_key(args),
+            model=args.model,
         )
     except ServingError as exc:
         print(f"cbir query: {exc}", file=sys.stderr)

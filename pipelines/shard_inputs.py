@@ -185,7 +185,7 @@ class _WriteShardFn(beam.DoFn):
             tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) if self._fmt == "wds" else None
             for offset, item in enumerate(plan.items):
                 try:
-                    data = fsutil.read_bytes(item.path)
+                    data = fsutil.read_input(item.path, size=item.size)
                 except Exception as exc:  # vanished or unreadable since listing
                     unreadable.append({"image_id": item.image_id, "error": type(exc).__name__,
                                        "message": str(exc)[:500]})

@@ -15,21 +15,33 @@ from typing import Any
 
 import numpy as np
 
+from index_builder import layout
 from index_builder.manifests import IndexManifest
 from index_builder.vector_space import space_fingerprint
 from models.backbone import Backbone, ModelSpec
 from models.imaging import DEFAULT_MAX_PIXELS, decode_and_resize
 from serving.compatibility import ModelMismatchError, check_model
 from serving.index_files import load_transform
+from transforms.fsutil import read_input
 
 log = logging.getLogger(__name__)
 
 
-def spec_from_manifest(manifest: IndexManifest, weights_dir: str | None = None, **overrides: Any) -> ModelSpec:
-    """The ModelSpec that reproduces the index's features (preset name, weights kind)."""
+def spec_from_manifest(manifest: IndexManifest, weights_dir: str | None = None, savedmodel: str | None = None,
+                       **overrides: Any) -> ModelSpec:
+    """The ModelSpec that reproduces the index's features (preset name, weights kind).
+
+    For an index built with a SavedModel backbone, ``savedmodel`` (``savedmodel:PATH``) is the
+    path the *user* gives: an index never names code for a reader to load, whatever path its
+    manifest recorded. The model is then checked against the index's fingerprint.
+    """
     model = manifest.model
     if model.get("preset") == "savedmodel":
-        name = "savedmodel:" + model["path"]
+        if not (savedmodel and savedmodel.startswith("savedmodel:")):
+            raise ModelMismatchError(
+                f"this index was built with a SavedModel backbone (recorded at {model.get('path')}); an index never "
+                "names code to load: pass --model savedmodel:PATH with the export you built it with")
+        name = savedmodel
         extra = {"signature": model["signature"], "output_key": model["output_key"],
                  "input_size": model["input_size"]}
     else:
@@ -54,14 +66,18 @@ class FileEmbedding:
         raise NotImplementedError
 
     def embed_files(self, paths: list[str]) -> tuple[np.ndarray, list[str], list[DecodeFailure]]:
-        blobs = []
+        """Reads each file with the readers' limits (regular files only, size checked before reading)."""
+        blobs, readable, failures = [], [], []
         for p in paths:
-            with open(p, "rb") as f:
-                blobs.append(f.read())
-        vectors, ok, failures = self.embed_bytes(blobs)
-        for fail in failures:
-            fail.path = paths[int(fail.path)]
-        return vectors, [paths[i] for i in ok], failures
+            try:
+                blobs.append(read_input(p))
+                readable.append(p)
+            except Exception as exc:  # a FIFO, a link, a directory, too large, unreadable
+                failures.append(DecodeFailure(p, type(exc).__name__, str(exc)))
+        vectors, ok, decode_failures = self.embed_bytes(blobs)
+        for fail in decode_failures:
+            fail.path = readable[int(fail.path)]
+        return vectors, [readable[i] for i in ok], failures + decode_failures
 
 
 class Embedder(FileEmbedding):
@@ -78,21 +94,18 @@ class Embedder(FileEmbedding):
         self.max_pixels = max_pixels
         # decode as the corpus was decoded (extract --full-decode turns reduced-scale JPEG off)
         self.reduced_decode = manifest.reduced_decode
-        self._encode = self._load_encoder(manifest.model.get("encoder"))
+        self._encode = self._load_encoder(version_dir, manifest.model.get("encoder"))
         self._transform = load_transform(version_dir, manifest)
         self.dim = manifest.dimension.output
 
     @staticmethod
-    def _load_encoder(encoder: dict[str, Any] | None):
+    def _load_encoder(version_dir: str, encoder: dict[str, Any] | None):
+        """An index of autoencoder codes: its encoder, from the data the index carries (digest-checked)."""
         if not encoder:
             return None
-        from models import autoencoder
-        from models.weights import file_digest
+        from models.autoencoder import NumpyEncoder
 
-        path = encoder["path"]
-        if file_digest(os.path.join(path, "saved_model.pb")) != encoder["saved_model_digest"]:
-            raise ModelMismatchError(f"the encoder at {path} is not the one the index was built with")
-        return autoencoder.load_encoder(path)
+        return NumpyEncoder.load(os.path.join(version_dir, layout.ENCODER_DIR))
 
     def transform(self, features: np.ndarray) -> np.ndarray:
         """Raw backbone features (n, D_in) → index space (n, D_out), L2-normalised."""
@@ -122,7 +135,7 @@ def open_embedder(version_dir: str, manifest: IndexManifest, weights_dir: str | 
                   model: str | None = None, precision: str | None = None) -> Embedder:
     """An embedder for ``version_dir``: the index's own model unless ``model`` names another one,
     which is then checked against the index's fingerprint (and refused when it differs)."""
-    spec = spec_from_manifest(manifest, weights_dir, precision=precision)
+    spec = spec_from_manifest(manifest, weights_dir, savedmodel=model, precision=precision)
     if model and model != spec.name:
         spec = dataclasses.replace(spec, name=model)
     return Embedder(version_dir, manifest, spec)

@@ -18,7 +18,7 @@ import uuid
 
 import numpy as np
 
-from index_builder import layout
+from index_builder import layout, signing
 from index_builder.hnsw import HNSW_FILE
 from index_builder.manifests import IndexManifest, ManifestError
 from index_builder.transform import VectorTransform
@@ -56,8 +56,14 @@ def read_pointer(index_dir: str) -> str:
     return check_version_name(version)
 
 
-def resolve(index_dir: str, version: str | None = None) -> tuple[str, IndexManifest]:
-    """(version, checked manifest) of ``version`` or of the one ``LATEST`` points to."""
+def resolve(index_dir: str, version: str | None = None, signing_key: bytes | None = None,
+            manifest_sha256: str | None = None) -> tuple[str, IndexManifest]:
+    """(version, checked manifest) of ``version`` or of the one ``LATEST`` points to.
+
+    With ``signing_key`` the manifest must carry a valid signature (``index_builder.signing``);
+    with ``manifest_sha256`` (what a launcher verified) it must be exactly those bytes, so
+    workers of a job read the very version the launcher checked, without holding the key.
+    """
     version = check_version_name(version) if version is not None else read_pointer(index_dir)
     path = fsutil.join(index_dir, version, layout.MANIFEST)
     if not fsutil.exists(path):
@@ -69,7 +75,14 @@ def resolve(index_dir: str, version: str | None = None) -> tuple[str, IndexManif
             f"index version {version} does not exist in {index_dir} "
             f"(versions there: {', '.join(known) if known else 'none'})"
         )
-    manifest = read_manifest(path)
+    raw = fsutil.read_bytes(path)
+    if signing_key is not None:
+        sig_path = fsutil.join(index_dir, version, signing.SIGNATURE_FILE)
+        signature = fsutil.read_bytes(sig_path).decode("ascii", "replace") if fsutil.exists(sig_path) else None
+        signing.check(raw, signature, signing_key, fsutil.join(index_dir, version))
+    if manifest_sha256 is not None and hashlib.sha256(raw).hexdigest() != manifest_sha256:
+        raise layout.IndexIntegrityError(f"{path} changed since the job started: refusing to mix two manifests")
+    manifest = parse_manifest(raw, path)
     if manifest.version != version:
         raise layout.IndexIntegrityError(
             f"{fsutil.join(index_dir, version)} holds the manifest of version {manifest.version}: "
@@ -79,8 +92,12 @@ def resolve(index_dir: str, version: str | None = None) -> tuple[str, IndexManif
 
 
 def read_manifest(path: str) -> IndexManifest:
+    return parse_manifest(fsutil.read_bytes(path), path)
+
+
+def parse_manifest(raw: bytes, path: str) -> IndexManifest:
     try:
-        data = json.loads(fsutil.read_bytes(path))
+        data = json.loads(raw)
     except ValueError as exc:
         raise layout.IndexIntegrityError(f"{path} is not valid JSON ({exc}): the index is damaged") from None
     try:
@@ -101,6 +118,8 @@ def required_files(manifest: IndexManifest) -> list[str]:
         need += [manifest.transform.projection_file, manifest.transform.bias_file]
     elif "pca" in manifest.transform.steps:
         need.append(f"{layout.TRANSFORM_DATA_DIR}/projection.npy")
+    if manifest.model.get("encoder"):
+        need.append(f"{layout.ENCODER_DIR}/layers.json")
     per_shard = [layout.VECTORS_FILE, layout.IDMAP_FILE, layout.SHARD_INFO]
     if "annoy" in manifest.index_types:
         per_shard.append(layout.ANNOY_FILE)
@@ -132,7 +151,7 @@ def verify_files(version_dir: str, manifest: IndexManifest, full: bool = True, p
             bad.append(rel)
         elif full and layout.sha256_file(path)[0] != meta.sha256:
             bad.append(rel)
-    for sub in ("shards", layout.TRANSFORM_DATA_DIR, layout.TRANSFORM_DIR):
+    for sub in ("shards", layout.TRANSFORM_DATA_DIR, layout.TRANSFORM_DIR, layout.ENCODER_DIR):
         root = os.path.join(version_dir, sub)
         for folder, _, names in os.walk(root):
             for name in names:

@@ -71,7 +71,8 @@ class Searcher:
 
     ``expected_model`` (a model fingerprint or a ``ModelSpec``) and
     ``expected_fingerprint`` (a space fingerprint, e.g. an embedder's) make a service
-    refuse an index whose vectors it cannot query. Exact search keeps up to ``cache_mb``
+    refuse an index whose vectors it cannot query; ``signing_key`` makes it refuse a version
+    that is not signed with that key. Exact search keeps up to ``cache_mb``
     of shards' vectors as float32 in memory (converted on first use); larger shards are
     converted block by block per query.
     """
@@ -85,8 +86,10 @@ class Searcher:
         expected_fingerprint: str | None = None,
         expected_model: Any = None,
         cache_mb: int = 256,
+        signing_key: bytes | None = None,
+        manifest_sha256: str | None = None,
     ):
-        self.version, self.manifest = index_files.resolve(index_dir, version)
+        self.version, self.manifest = index_files.resolve(index_dir, version, signing_key, manifest_sha256)
         self.version_dir = os.path.join(index_dir, self.version)
         compatibility.check_expected(self.manifest, self.version_dir, expected_fingerprint, expected_model)
         index_files.verify_files(self.version_dir, self.manifest, full=verify)
@@ -149,11 +152,15 @@ class Searcher:
         """Refuses an embedder made for another version's model or transform."""
         compatibility.check_space(embedder.space_fingerprint, self.manifest, self.version_dir)
 
-    def open_embedder(self, weights_dir: str | None = None, precision: str | None = None) -> Any:
-        """An :class:`serving.embedder.Embedder` for image queries against this very version."""
+    def open_embedder(self, weights_dir: str | None = None, precision: str | None = None,
+                      model: str | None = None) -> Any:
+        """An :class:`serving.embedder.Embedder` for image queries against this very version.
+
+        ``model`` (``savedmodel:PATH``) is needed for an index built with a SavedModel backbone.
+        """
         from serving.embedder import open_embedder
 
-        return open_embedder(self.version_dir, self.manifest, weights_dir, precision=precision)
+        return open_embedder(self.version_dir, self.manifest, weights_dir, model=model, precision=precision)
 
     def _open_shard(self, number: int) -> Shard:
         d = os.path.join(self.version_dir, layout.shard_dir(number))

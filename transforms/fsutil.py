@@ -34,8 +34,12 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     FileSystems.rename([tmp], [path])  # os.rename locally; copy + delete on object stores
 
 
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(path, json_bytes(obj))
 
 
 def move(sources: list[str], destinations: list[str]) -> None:
@@ -108,3 +112,68 @@ def localise_tree(path: str) -> str:
     for src in match(join(root, "**")):
         copy_to_local(src, os.path.join(local, src[len(root) + 1:]))
     return local
+
+
+MAX_INPUT_BYTES = 256 * 1024 * 1024  # one image larger than this is a failure, not an allocation
+
+
+class RecordTooLargeError(ValueError):
+    """An input holds more bytes than the limit; it is refused unread."""
+
+
+class NotRegularFileError(ValueError):
+    """A path that is not a regular file (FIFO, device, directory, symbolic link): never opened."""
+
+
+def _describe_mode(mode: int) -> str:
+    import stat
+
+    for test, name in ((stat.S_ISLNK, "a symbolic link (not followed)"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def read_input(path: str, limit: int = MAX_INPUT_BYTES, size: int | None = None) -> bytes:
+    """Reads a whole input file, refusing what is not a regular file or is above ``limit`` bytes, unread.
+
+    Local paths are checked with ``lstat`` and opened with ``O_NOFOLLOW | O_NONBLOCK``, so a FIFO
+    named ``x.jpg`` cannot block a worker and a link cannot lead outside the input. The size
+    comes from the filesystem (or the listing, ``size``) before a byte is read, and the read
+    asks for at most ``min(size, limit) + 1`` bytes (one more tells a file that grew). Remote
+    paths (``gs://``, ``s3://``) are objects: their size comes from the listing or a match.
+    """
+    if "://" not in path:
+        import os
+        import stat
+
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(f"{path} is {_describe_mode(st.st_mode)}: only regular files are read")
+        if st.st_size > limit:
+            raise RecordTooLargeError(f"{path} holds {st.st_size} bytes, more than the limit of {limit}")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # replaced between the two looks
+                raise NotRegularFileError(f"{path} is {_describe_mode(st.st_mode)}: only regular files are read")
+            with os.fdopen(fd, "rb", closefd=True) as f:
+                fd = -1
+                data = f.read(min(st.st_size, limit) + 1)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    else:
+        if size is None:
+            found = FileSystems.match([path])[0].metadata_list
+            size = found[0].size_in_bytes if found else None
+        if size is not None and size > limit:
+            raise RecordTooLargeError(f"{path} holds {size} bytes, more than the limit of {limit}")
+        want = limit + 1 if size is None else min(size, limit) + 1
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            data = f.read(want)
+    if len(data) > limit:
+        raise RecordTooLargeError(f"{path} holds more than {limit} bytes")
+    return data

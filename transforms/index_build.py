@@ -212,7 +212,9 @@ class BuildShardFn(beam.DoFn):
             else:  # a row left out before the transform, accounted for here
                 non_finite += value
         table = pa.Table.from_batches(batches, schema=row_schema(self._dim))
+        del batches  # the shard's rows are held once (in the table, then in the items), not twice
         items = ShardItems.from_table(table, self._dim)
+        del table
         local = tempfile.mkdtemp(prefix=f"cbir-shard-{shard:05d}-")
         try:
             info = build_shard(items, shard, local, self._planes, self._params, non_finite_skipped=non_finite,

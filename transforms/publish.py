@@ -67,8 +67,13 @@ def read_manifest(path: str, cls: type[M]) -> M:
     return cls.from_dict(data, source=path)
 
 
+def manifest_bytes(manifest: Manifest) -> bytes:
+    """The exact bytes a manifest is written as (what an index signature covers)."""
+    return fsutil.json_bytes(manifest.to_dict())
+
+
 def write_manifest(path: str, manifest: Manifest) -> None:
-    fsutil.write_json_atomic(path, manifest.to_dict())
+    fsutil.write_bytes_atomic(path, manifest_bytes(manifest))
 
 
 def check_counts(what: str, counts: dict[str, int | None], detail: str = "") -> None:

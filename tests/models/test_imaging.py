@@ -403,3 +403,84 @@ def test_failure_threshold_exits_3_after_writing_outputs(awkward_folder, tmp_pat
     assert manifest["counts"]["failed"] == n["broken"]
     assert sum(f["rows"] for f in manifest["files"]["features"]) == n["photos"] + n["variants"]
     assert all((out / f["path"]).exists() for kind in manifest["files"].values() for f in kind)
+
+
+# -- memory: a budget per image, counted on the header --------------------------------------------------
+
+
+def _peak_rss_mb_of_decoding(data: bytes) -> float:
+    """Peak resident memory a fresh process adds while decoding ``data`` once (MB)."""
+    import subprocess
+    import sys
+
+    # VmHWM (peak RSS of this process image), not ru_maxrss: the latter survives exec and would carry the
+    # forked test runner's own size.
+    code = (
+        "import sys; from models.imaging import decode_and_resize\n"
+        "def kb(key): return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])\n"
+        "data = sys.stdin.buffer.read(); base = kb('VmRSS:')\n"
+        "decode_and_resize(data, 299, reduced_decode=False)\n"
+        "print((kb('VmHWM:') - base) / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], input=data, capture_output=True, check=True, timeout=120)
+    return float(out.stdout.decode().split()[-1])
+
+
+@pytest.mark.parametrize("kind", ["rgba_png", "gray16_png", "float_tiff", "rgba_webp"])
+def test_measured_decode_peaks_stay_under_the_estimate(kind):
+    """The budget is only as good as its estimate: measured on 16 MP images, the estimate is an upper bound."""
+    from models.imaging import decode_cost
+
+    side = 4000
+    if kind == "rgba_png":
+        data, mode, fmt = encode(Image.new("RGBA", (side, side), (10, 200, 30, 128)), "PNG"), "RGBA", "PNG"
+    elif kind == "gray16_png":
+        data, mode, fmt = encode(Image.new("I;16", (side, side), 30000), "PNG"), "I;16", "PNG"
+    elif kind == "float_tiff":
+        data = encode(Image.fromarray(np.full((side, side), 0.25, np.float32), mode="F"), "TIFF",
+                      compression="tiff_deflate")
+        mode, fmt = "F", "TIFF"
+    else:
+        data, mode, fmt = encode(Image.new("RGBA", (side, side), (10, 200, 30, 128)), "WEBP", lossless=True), \
+            "RGBA", "WEBP"
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode.startswith(mode[:3]) and im.format == fmt
+        mode = im.mode
+    estimate_mb = decode_cost(mode, fmt, side * side, False) / 1e6
+    measured = _peak_rss_mb_of_decoding(data)
+    print(f"{kind}: measured {measured:.0f} MB, estimated {estimate_mb:.0f} MB")
+    assert 0.1 * estimate_mb < measured <= estimate_mb, f"{kind}: {measured:.0f} MB, estimated {estimate_mb:.0f} MB"
+
+
+def test_decode_bombs_under_the_pixel_limit_are_refused_on_the_header():
+    """Within 100 MP, yet gigabytes to decode: refused before any pixel, with the product's own numbers."""
+    from models.imaging import DecodeBudgetError
+
+    bombs = {
+        "webp": encode(Image.new("RGBA", (7000, 7000), (0, 0, 0, 0)), "WEBP", lossless=True),
+        "float tiff": encode(Image.fromarray(np.zeros((9000, 9000), np.float32), mode="F"), "TIFF",
+                             compression="tiff_deflate"),
+    }
+    for name, data in bombs.items():
+        assert len(data) < 1_000_000, name  # tiny files
+        started = time.perf_counter()
+        with pytest.raises(DecodeBudgetError, match="more than the budget of 1,000 MB"):
+            decode_and_resize(data, SIZE)
+        assert time.perf_counter() - started < 2, name
+    with pytest.raises(DecodeBudgetError, match="budget of 50 MB"):
+        decode_and_resize(encode(Image.new("RGB", (3000, 3000)), "PNG"), SIZE, max_decode_bytes=50_000_000)
+
+
+def test_a_jpeg_with_far_too_little_data_for_its_header_is_refused(photo):
+    from models.imaging import TruncatedImageError
+
+    big = encode(photo.resize((10_000, 10_000)), "JPEG", quality=85)
+    with pytest.raises(TruncatedImageError, match="truncated"):
+        decode_and_resize(big[:33_000], SIZE)
+    flat = encode(Image.new("RGB", (10_000, 10_000)), "JPEG", quality=10)  # a real, tiny, flat JPEG decodes
+    assert decode_and_resize(flat, SIZE).width == 10_000
+
+
+def test_pixel_limit_refusal_quotes_the_products_limit():
+    with pytest.raises(ImageTooLargeError, match=f"limit of {DEFAULT_MAX_PIXELS} .--max-pixels."):
+        open_image(png_claiming(30_000, 30_000))  # 900 MP: Pillow's own check would say 178956970

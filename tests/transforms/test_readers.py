@@ -51,14 +51,15 @@ def _record_row(r) -> str:
     return json.dumps({"image_id": r.image_id, "uri": r.uri, "label": r.label, "sha256": sha(r.data)})
 
 
-def read_spec(spec: str, tmp_path: Path) -> tuple[dict[str, dict], list[dict], dict[str, int]]:
+def read_spec(spec: str, tmp_path: Path, allow_uri_prefixes: tuple[str, ...] = ()
+              ) -> tuple[dict[str, dict], list[dict], dict[str, int]]:
     """Runs ReadImages alone: ``({image_id: record row}, failure rows, cbir counters)``.
 
     Also checks the accounting invariant of shard readers: one tally per listed shard,
     adding up to the records and failure rows they produced.
     """
     out = tmp_path / f"collected-{uuid.uuid4().hex[:6]}"
-    parsed = InputSpec.parse(spec)
+    parsed = InputSpec.parse(spec, allow_uri_prefixes)
     listed = parsed.list()
     p = beam.Pipeline()
     read = p | ReadImages(parsed, write_listing(str(out / "staging"), listed))
@@ -254,7 +255,7 @@ def test_wds_tars_in_img2dataset_layout(photos, tmp_path):
     by_id = {f["image_id"]: f for f in failures}
     assert by_id["00000.tar#000000003"]["error"] == "MissingImageError"
     assert by_id["00000.tar#000000005"]["error"] == "CorruptRecordError"
-    assert by_id["00002.tar#000000001"]["error"] == "ReadError"
+    assert by_id["00002.tar#000000001"]["error"] == "CorruptShardError"  # its header claims more than is there
     assert "from member" in by_id["00002.tar#000000001"]["message"]
     assert by_id["00003.tar"]["error"] == "ReadError"
     assert len(failures) == 4 and all(f["stage"] == "read" for f in failures)
@@ -314,7 +315,7 @@ def test_parquet_bytes_struct_and_uri_columns(photos, tmp_path):
         "image": [{"bytes": photos[4][2], "path": "x.jpg"}],
         "label": ["hf"],
     }), d / "hf.parquet")
-    # Uris: absolute, relative to the Parquet file, and missing.
+    # Uris: absolute (allowed by prefix below), relative to the Parquet file, and missing.
     (d / "imgs" / "one.jpg").write_bytes(photos[5][2])
     pq.write_table(pa.table({
         "image_id": ["abs", "rel", "gone"],
@@ -326,7 +327,7 @@ def test_parquet_bytes_struct_and_uri_columns(photos, tmp_path):
     pq.write_table(pa.table({"image_id": ["c1", "c2"], "caption": ["x", "y"]}), d / "captions.parquet")
     (d / "broken.parquet").write_bytes(b"PAR1" + b"\x00" * 64)
 
-    records, failures, counters = read_spec(f"parquet:{d}/*.parquet", tmp_path)
+    records, failures, counters = read_spec(f"parquet:{d}/*.parquet", tmp_path, allow_uri_prefixes=(str(tmp_path),))
 
     for i, lab, data in photos[:4]:
         assert records[i]["label"] == lab and records[i]["sha256"] == sha(data)
@@ -406,7 +407,8 @@ def test_four_inputs_give_identical_feature_rows(corpus, tmp_path, mobilenet_spe
     results = {}
     for name, spec in specs.items():
         out = tmp_path / f"out-{name}"
-        manifest = extract.run(extract.ExtractConfig(input=spec, output=str(out), model=mobilenet_spec))
+        manifest = extract.run(extract.ExtractConfig(input=spec, output=str(out), model=mobilenet_spec,
+                                                     allow_uri_prefixes=(str(corpus),)))
         c = manifest.counts
         assert (c.inputs, c.read, c.ok, c.failed) == (len(files), len(files), len(files) - 2, 2), name
         results[name] = _rows(out)

@@ -16,16 +16,16 @@ import time
 from typing import Any, NamedTuple
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from transforms.decode import NAMESPACE, count_failure
+from transforms.fsutil import MAX_INPUT_BYTES, NotRegularFileError, RecordTooLargeError, read_input  # noqa: F401
 from transforms.records import FAILURES_TAG, ImageRecord
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("cbir.progress")
 
-MAX_RECORD_BYTES = 256 * 1024 * 1024  # one image larger than this is a failure, not an allocation
+MAX_RECORD_BYTES = MAX_INPUT_BYTES
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 TALLIES_TAG = "tallies"
 
@@ -35,10 +35,6 @@ class ListedFile(NamedTuple):
 
     path: str
     size: int
-
-
-class RecordTooLargeError(ValueError):
-    """An input holds more bytes than :data:`MAX_RECORD_BYTES`; it is refused unread."""
 
 
 class ShardReadError(ValueError):
@@ -58,20 +54,8 @@ class CorruptShardError(ShardReadError):
 
 
 def read_limited(path: str, limit: int = MAX_RECORD_BYTES, size: int | None = None) -> bytes:
-    """Reads a whole file through Beam filesystems, refusing one above ``limit`` bytes.
-
-    With the listed ``size`` a file over the limit is refused without being opened, and
-    the read asks for exactly ``size + 1`` bytes (one more tells a file that grew since it
-    was listed). Without it, at most ``limit + 1`` bytes are read.
-    """
-    if size is not None and size > limit:
-        raise RecordTooLargeError(f"{path} holds {size} bytes, more than the limit of {limit}")
-    want = limit + 1 if size is None else min(size, limit) + 1
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        data = f.read(want)
-    if len(data) > limit:
-        raise RecordTooLargeError(f"{path} holds more than {limit} bytes")
-    return data
+    """An input's bytes, regular files only, size checked before reading (``transforms.fsutil.read_input``)."""
+    return read_input(path, limit, size)
 
 
 def relative_id(path: str, root: str) -> str:

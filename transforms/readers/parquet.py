@@ -28,6 +28,7 @@ from transforms.readers.common import (
     ListedFile,
     MissingImageError,
     ShardFn,
+    ShardReadError,
     read_limited,
     tally,
 )
@@ -79,16 +80,49 @@ class _FetchUri(NamedTuple):
     label: str | None
 
 
-def _resolve_uri(uri: str, parquet_path: str) -> str:
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    return FileSystems.join(posixpath.dirname(parquet_path), uri)
+class UriNotAllowedError(ShardReadError):
+    """A ``uri`` cell that points outside what the job may read: the row is a failure, the uri is never opened."""
 
 
-def _resolve_uri(uri: str, parquet_path: str) -> str:
+def _split_scheme(path: str) -> tuple[str, str]:
+    scheme, sep, rest = path.partition("://")
+    return (scheme + sep, rest) if sep else ("", path)
+
+
+def _normalised(path: str) -> str:
+    scheme, rest = _split_scheme(path)
+    lead = "/" if rest.startswith("/") else ""
+    return scheme + lead + posixpath.normpath(rest).lstrip("/")
+
+
+def resolve_uri(uri: str, parquet_path: str, allowed_prefixes: tuple[str, ...] = ()) -> str:
+    """Where a Parquet ``uri`` cell may be read from, or :class:`UriNotAllowedError`.
+
+    Relative uris resolve against the Parquet file's own folder and may not leave it
+    (``../`` past it is refused). Absolute uris (a leading ``/`` or a scheme such as
+    ``gs://``) must lie under one of ``allowed_prefixes`` (``--allow-uri-prefix``); with none
+    given, only relative uris are read. A Parquet file is data: it must not be able to make a
+    worker read ``/etc/passwd`` or another tenant's bucket.
+    """
+    folder = _normalised(posixpath.dirname(parquet_path))
     if "://" in uri or uri.startswith("/"):
-        return uri
-    return FileSystems.join(posixpath.dirname(parquet_path), uri)
+        target = _normalised(uri)
+        roots = [_normalised(p).rstrip("/") + "/" for p in allowed_prefixes]
+        if not any(target.startswith(root) for root in roots):
+            raise UriNotAllowedError(
+                f"uri {uri!r} is absolute and not under an allowed prefix "
+                f"({', '.join(allowed_prefixes) or 'none given: pass --allow-uri-prefix'})")
+        return target
+    target = _normalised(FileSystems.join(folder, uri))
+    if not target.startswith(folder.rstrip("/") + "/"):
+        raise UriNotAllowedError(f"uri {uri!r} leaves the Parquet file's folder {folder}")
+    return target
+
+
+    target = _normalised(FileSystems.join(folder, uri))
+    if not target.startswith(folder.rstrip("/") + "/"):
+        raise UriNotAllowedError(f"uri {uri!r} leaves the Parquet file's folder {folder}")
+    return target
 
 
 class _RowGroup(NamedTuple):
@@ -122,6 +156,10 @@ class _PlanParquetFn(ShardFn):
 
 class _ReadParquetRowGroupFn(ShardFn):
     """A row group → exactly one entry per row: records, failure rows, or uris to fetch (``fetch``)."""
+
+    def __init__(self, root: str, allowed_prefixes: tuple[str, ...] = ()):
+        super().__init__(root)
+        self._allowed = tuple(allowed_prefixes)
 
     def process(self, item: _RowGroup):
         path = item.path
@@ -159,7 +197,11 @@ class _ReadParquetRowGroupFn(ShardFn):
         if data is not None:
             return ImageRecord(image_id, str(uri) if uri else f"{path}#{index}", label, bytes(data))
         if uri:
-            return beam.pvalue.TaggedOutput("fetch", _FetchUri(image_id, _resolve_uri(str(uri), path), label))
+            try:
+                target = resolve_uri(str(uri), path, self._allowed)
+            except UriNotAllowedError as exc:
+                return failure(image_id, str(uri), "read", exc)
+            return beam.pvalue.TaggedOutput("fetch", _FetchUri(image_id, target, label))
         what = "no image-bytes column and no uri column" if not (cols.image or cols.uri) else "neither bytes nor uri"
         return failure(image_id, f"{path}#{index}", "read", MissingImageError(f"row {index}: {what}"))
 
@@ -194,7 +236,8 @@ class ReadParquetImages(beam.PTransform):
         rows = (
             planned.groups
             | "SpreadGroups" >> beam.Reshuffle()
-            | "ReadRowGroups" >> beam.ParDo(_ReadParquetRowGroupFn(root)).with_outputs("fetch", main="rows")
+            | "ReadRowGroups" >> beam.ParDo(_ReadParquetRowGroupFn(root, self._spec.allow_uri_prefixes)).with_outputs(
+                "fetch", main="rows")
         )
         fetched = rows.fetch | "SpreadFetches" >> beam.Reshuffle() | "FetchUris" >> beam.ParDo(_FetchUriFn())
         accounted = (planned.failed, rows.rows, fetched) | "Merge" >> beam.Flatten() | "Account" >> Account("parquet")

@@ -32,21 +32,23 @@ class InputSpec:
     format: str
     pattern: str  # a glob for FileSystems.match
     root: str  # prefix stripped from paths to make image ids (files) or shard names (shards)
+    allow_uri_prefixes: tuple[str, ...] = ()  # Parquet uri cells: absolute uris allowed under these
 
     @classmethod
-    def parse(cls, spec: str) -> InputSpec:
+    def parse(cls, spec: str, allow_uri_prefixes: tuple[str, ...] = ()) -> InputSpec:
+        allowed = tuple(allow_uri_prefixes)
         fmt, sep, rest = spec.partition(":")
         if sep and fmt in FORMATS[1:]:
             if not rest:
                 raise ValueError(f"{fmt}: needs a glob, e.g. {fmt}:/data/shards/*")
             rest = _shard_pattern(rest)
-            return cls(fmt, rest, _glob_root(rest))
+            return cls(fmt, rest, _glob_root(rest), allowed)
         if _GLOB_CHARS.search(spec):
-            return cls("files", spec, _glob_root(spec))
+            return cls("files", spec, _glob_root(spec), allowed)
         if spec.lower().endswith(IMAGE_EXTENSIONS):
-            return cls("files", spec, posixpath.dirname(spec.rstrip("/")))
+            return cls("files", spec, posixpath.dirname(spec.rstrip("/")), allowed)
         root = spec.rstrip("/")
-        return cls("files", FileSystems.join(root, "**"), root)
+        return cls("files", FileSystems.join(root, "**"), root, allowed)
 
     @property
     def is_shards(self) -> bool:
