@@ -10,7 +10,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 _HERE = Path(__file__).parent
-_DEV_ONLY = {"pytest", "ruff", "scikit-image"}
+_DEV_ONLY = {"pytest", "ruff", "scikit-image", "selenium", "hnswlib"}
 
 
 def _runtime_requirements() -> list[str]:
@@ -28,6 +28,7 @@ setup(
     description="Content-based image retrieval as Apache Beam batch pipelines",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["pipelines*", "transforms*", "models*", "index_builder*", "serving*"]),
+    package_data={"serving.service": ["static/*.html", "static/*.js", "static/*.css"]},
     install_requires=_runtime_requirements(),
     extras_require={"demo": ["scikit-image==0.26.0"]},
     entry_points={"console_scripts": ["cbir=pipelines.cli:main"]},
