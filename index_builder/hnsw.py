@@ -88,5 +88,6 @@ def search(index, queries: np.ndarray, n: int, ef_search: int) -> tuple[np.ndarr
     params = _params(max(int(ef_search), n))
     q = np.ascontiguousarray(queries, dtype=np.float32)
     scores, ids = index.search(q, n, params=params)
-    scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
-    return ids.astype(np.int64), scores
+    if (ids < 0).any():
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+    return ids.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)

@@ -40,6 +40,9 @@ CODES_FILE = "lsh_codes.npy"
 MIH_OFFSETS_FILE = "mih_offsets.npy"
 MIH_IDS_FILE = "mih_ids.npy"
 IDMAP_FILE = "idmap.parquet"
+GRAPH_DIR = "graph"  # --graph-k: the corpus k-NN graph (diffusion), global ids in shard order
+GRAPH_NEIGHBOURS = f"{GRAPH_DIR}/neighbours.npy"  # (n, k) int32 global ids, best first, -1 pads
+GRAPH_SIMILARITIES = f"{GRAPH_DIR}/similarities.npy"  # (n, k) float16 cosines
 METRIC = "angular"
 
 

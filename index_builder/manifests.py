@@ -236,6 +236,10 @@ class FeaturesManifest(Manifest):
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     accounting: Accounting | None = None
     source_features: str | None = None  # autoencode: the features the codes were made from
+    local_features: dict[str, Any] | None = None  # --local-features: detector, max_keypoints, rows, keypoints
+    # the runtime(s) the batches ran on (keras, graph, xla, litert; "+"-joined when workers chose differently);
+    # None when no batch ran (everything reused from --previous)
+    runtime: str | None = None
 
     @property
     def reduced_decode(self) -> bool:
@@ -411,6 +415,9 @@ class IndexManifest(Manifest):
     elapsed_seconds: float = 0.0
     bytes: int = 0
     accounting: Accounting | None = None
+    dba: dict[str, Any] | None = None  # --dba: stored vectors augmented by their neighbours (k, alpha, how)
+    graph: dict[str, Any] | None = None  # --graph-k: the corpus k-NN graph for diffusion (k, files, how)
+    local_features: dict[str, Any] | None = None  # shards carry local features (detector, max_keypoints, …)
 
     @property
     def reduced_decode(self) -> bool:

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from annoy import AnnoyIndex
 
-from index_builder import calibration, hnsw, layout, lsh
+from index_builder import calibration, hnsw, layout, local_store, lsh
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class ShardParams:
     target_recall: float = calibration.DEFAULT_TARGET  # 0 turns calibration off
     calibration_k: int = calibration.DEFAULT_K
     calibration_queries: int = calibration.DEFAULT_QUERIES
+    local_features: bool = False  # write the shard's local-feature arrays (index_builder.local_store)
+    vectors_only: bool = False  # only vectors and id map: the first pass of a --dba build
 
     def __post_init__(self) -> None:
         if self.trees < 1:
@@ -61,7 +63,7 @@ class ShardParams:
         if self.on_disk_bytes < 0:
             raise ValueError("the on-disk threshold cannot be negative")
         unknown = [t for t in self.index_types if t not in INDEX_TYPES]
-        if unknown or not self.index_types:
+        if unknown or not (self.index_types or self.vectors_only):
             raise ValueError(f"--index-types takes a non-empty subset of {', '.join(INDEX_TYPES)}, not {unknown}")
         if self.hnsw_m < 2 or self.hnsw_ef_construction < 1:
             raise ValueError("--hnsw-m must be at least 2 and --hnsw-ef-construction at least 1")
@@ -183,14 +185,17 @@ def build_annoy(vectors: np.ndarray, path: str, params: ShardParams) -> bool:
 
 def build_shard(
     items: ShardItems, shard: int, out_dir: str, planes: np.ndarray, params: ShardParams, non_finite_skipped: int = 0,
-    offsets: np.ndarray | None = None,
+    offsets: np.ndarray | None = None, local_rows: pa.Table | None = None,
 ) -> dict[str, Any]:
     """Writes every file of a shard into ``out_dir``; returns its SHARD.json content (written last).
 
     Always: the float16 vectors (exact scoring) and the id map; per index type in
     ``params.index_types``: Annoy trees, LSH codes with their MIH tables, an HNSW graph.
-    Then each type's search effort is calibrated on the shard's own items.
+    Then each type's search effort is calibrated on the shard's own items. With
+    ``params.local_features``, the items' local features (from ``local_rows``) as arrays.
     """
+    if params.vectors_only:
+        params = dataclasses.replace(params, index_types=(), target_recall=0.0)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.monotonic()
     n, dim = items.vectors.shape
@@ -236,6 +241,9 @@ def build_shard(
         schema=IDMAP_SCHEMA,
     )
     pq.write_table(idmap, os.path.join(out_dir, layout.IDMAP_FILE))
+    local_counts = None
+    if params.local_features:
+        local_counts = local_store.write_shard(out_dir, items.image_ids, items.sha256, local_rows)
     t1 = time.monotonic()
     calibrated = calibrate_shard(out_dir, items.vectors, vectors16, codes, planes, offsets, query_ids, params)
     if calibrated is not None and hnsw_calibrated is not None:
@@ -262,6 +270,7 @@ def build_shard(
         if "hnsw" in params.index_types else None,
         "lsh_bits": int(planes.shape[1]),
         "calibration": calibrated,
+        "local_features": local_counts,
         "files": files,
         "seconds": seconds,
     }
@@ -271,13 +280,18 @@ def build_shard(
     return info
 
 
+def _threads(params: ShardParams) -> int:
+    """Threads calibration measures recall with: the worker's cores, as the builds use."""
+    return params.n_jobs if params.n_jobs > 0 else (os.cpu_count() or 1)
+
+
 def calibrate_hnsw(index: Any, vectors: np.ndarray, query_ids: np.ndarray, params: ShardParams) -> dict[str, Any]:
     """The smallest efSearch reaching the target for items the graph does not hold yet (see hnsw.build)."""
     k = params.calibration_k
     truth = calibration.exact_neighbours(vectors, query_ids, k, leave_out_all=True)
     grid = [e for e in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048) if e >= k + 1]
     found = calibration.calibrate(lambda q, m, ef: hnsw.search(index, q, m, ef)[0], grid, vectors, query_ids, truth,
-                                  params.target_recall)
+                                  params.target_recall, threads=_threads(params))
     return {**found.to_dict("ef_search"), "queries": "held out of the graph"}
 
 
@@ -304,7 +318,7 @@ def calibrate_shard(out_dir: str, vectors: np.ndarray, vectors16: np.ndarray, co
             return ids
 
         out["annoy"] = calibration.calibrate(annoy_search, grid, vectors, query_ids, truth,
-                                             params.target_recall).to_dict("search_k")
+                                             params.target_recall, threads=_threads(params)).to_dict("search_k")
         index.unload()
     if codes is not None:
         words = lsh.as_words(codes)
@@ -321,5 +335,5 @@ def calibrate_shard(out_dir: str, vectors: np.ndarray, vectors16: np.ndarray, co
             return ids
 
         out["lsh"] = calibration.calibrate(lsh_search, grid, vectors, query_ids, truth,
-                                           params.target_recall).to_dict("candidates")
+                                           params.target_recall, threads=_threads(params)).to_dict("candidates")
     return out

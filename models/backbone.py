@@ -12,11 +12,12 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 from typing import Any
 
 import numpy as np
 
-from models import imaging
+from models import imaging, runtimes
 from models.presets import SAVEDMODEL_PREFIX, Preset, fingerprint, get_preset
 from models.weights import RANDOM, file_digest, resolve_weights
 
@@ -34,10 +35,23 @@ class ModelSpec:
     weights_dir: str | None = None
     weights: str | None = None  # None: pretrained (resolved); "random"; or an explicit file path
     precision: str = "float32"
-    jit: bool = False
+    jit: bool = False  # the older spelling of runtime="xla"
     signature: str = "serving_default"
     output_key: str | None = None
     input_size: int | None = None  # SavedModels only: the pixel size their input expects
+    # How the network runs (models/runtimes.py). Not part of describe(): every runtime computes the same
+    # vectors within runtimes.PARITY_TOLERANCE, so an index or --previous run made with one serves the others.
+    runtime: str = "graph"
+
+    def requested_runtime(self) -> str:
+        """The runtime asked for, with ``jit`` folded in; a contradiction is refused."""
+        if self.runtime not in runtimes.CHOICES:
+            raise ValueError(f"runtime must be one of {runtimes.CHOICES}, not {self.runtime!r}")
+        if not self.jit:
+            return self.runtime
+        if self.runtime in ("auto", "graph", "xla"):
+            return "xla"
+        raise ValueError(f"--jit means --runtime xla; it contradicts --runtime {self.runtime}")
 
     @property
     def is_savedmodel(self) -> bool:
@@ -132,7 +146,12 @@ def preprocess(pixels: Any, mode: str) -> Any:
 
 
 class Backbone:
-    """A loaded network plus its compiled feature function."""
+    """A loaded network plus its feature function on the chosen runtime.
+
+    The runtime is resolved on the first :meth:`predict` (or :meth:`resolve_runtime`), not at
+    construction: the tools that only need ``keras_model`` (inspect, export, visualise) never pay
+    for a LiteRT conversion or a parity probe.
+    """
 
     def __init__(self, spec: ModelSpec):
         import tensorflow as tf
@@ -140,11 +159,16 @@ class Backbone:
         if spec.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {spec.precision!r}")
         self.spec = spec
+        self._requested = spec.requested_runtime()
         self.devices = configure_devices()
         self.size = spec.size()
+        self.keras_model = None
+        signature = [tf.TensorSpec([None, self.size, self.size, 3], tf.float32)]
         if spec.is_savedmodel:
-            self._fn = self._load_savedmodel(spec)
-            self.dim = int(self._fn(tf.zeros((1, self.size, self.size, 3), tf.float32)).shape[-1])
+            call = self._load_savedmodel(spec)
+            self._graph = tf.function(call, input_signature=signature, reduce_retracing=True)
+            self._xla = tf.function(call, input_signature=signature, jit_compile=True)
+            self.dim = int(self._graph(tf.zeros((1, self.size, self.size, 3), tf.float32)).shape[-1])
         else:
             self.keras_model = self._build_keras(spec)
             self.dim = int(self.keras_model.output_shape[-1])
@@ -155,14 +179,84 @@ class Backbone:
                 x = preprocess(tf.cast(pixels, tf.float32), mode)
                 return tf.cast(model(x, training=False), tf.float32)
 
-            self._fn = tf.function(
-                features,
-                jit_compile=spec.jit,
-                input_signature=[tf.TensorSpec([None, self.size, self.size, 3], tf.float32)],
-                reduce_retracing=True,
-            )
+            self._graph = tf.function(features, input_signature=signature, reduce_retracing=True)
+            self._xla = tf.function(features, input_signature=signature, jit_compile=True)
+        self.runtime: str | None = None
+        self._run = None
+        self._resolving = threading.Lock()  # a service's threads may all send their first batch at once
         log.info("loaded %s (%d-d, %d px, %s) on %s", spec.name, self.dim, self.size, spec.precision,
                  ", ".join(self.devices) or "CPU")
+
+    # -- runtimes -------------------------------------------------------------------------------------
+
+    def _tf_runner(self, fn):
+        import tensorflow as tf
+
+        return lambda pixels: fn(tf.convert_to_tensor(pixels, tf.float32)).numpy()
+
+    def _keras_runner(self):
+        import tensorflow as tf
+
+        if self.keras_model is None:
+            raise runtimes.RuntimeUnavailableError(
+                f"--runtime keras needs a Keras preset; {self.spec.name} is a SavedModel: use --runtime graph")
+        model, mode = self.keras_model, self.spec.preset().preprocessing
+        return lambda pixels: np.asarray(
+            model.predict_on_batch(preprocess(tf.convert_to_tensor(pixels, tf.float32), mode)), np.float32)
+
+    def _litert_runner(self):
+        if self.spec.precision != "float32":
+            raise runtimes.RuntimeUnavailableError(
+                f"--runtime litert runs float32 models; with --precision {self.spec.precision} use --runtime graph")
+        runtimes.interpreter_class()  # a missing package fails before a conversion is paid for
+        flat = runtimes.litert_flatbuffer(self._graph, self.spec.fingerprint(), self.size, self.spec.name)
+        return runtimes.LiteRTRunner(flat, self.size)
+
+    def runner(self, name: str):
+        """A callable float32 pixels → features on runtime ``name``; raises RuntimeUnavailableError."""
+        if name == "keras":
+            return self._keras_runner()
+        if name == "graph":
+            return self._tf_runner(self._graph)
+        if name == "xla":
+            return self._tf_runner(self._xla)
+        if name == "litert":
+            return self._litert_runner()
+        raise ValueError(f"runtime must be one of {runtimes.RUNTIMES}, not {name!r}")
+
+    def _reference(self):
+        return self._keras_runner() if self.keras_model is not None else self._tf_runner(self._graph)
+
+    def resolve_runtime(self) -> str:
+        """Chooses (once) and returns the runtime this process runs the network on."""
+        with self._resolving:
+            if self.runtime is not None:
+                return self.runtime
+            name = self._requested
+            if name == "auto":
+                name, run = self._auto()
+            else:
+                run = self.runner(name)
+            self._run, self.runtime = run, name
+            log.info("running %s on %s", self.spec.name, name)
+            return name
+
+    def _auto(self):
+        if self.devices:  # GPUs: TensorFlow, where the precision options apply
+            return "graph", self.runner("graph")
+        try:
+            run = self.runner("litert")
+            pixels = runtimes.probe_pixels(self.size)
+            diff = runtimes.max_difference(run, self._reference(), pixels)
+        except runtimes.RuntimeUnavailableError as exc:
+            log.warning("runtime auto: not LiteRT (%s); running the TensorFlow graph", exc)
+            return "graph", self.runner("graph")
+        if diff > runtimes.PARITY_TOLERANCE:
+            log.warning("runtime auto: LiteRT differs from Keras by %.2e (> %.0e) on the probe batch; running "
+                        "the TensorFlow graph", diff, runtimes.PARITY_TOLERANCE)
+            return "graph", self.runner("graph")
+        log.info("runtime auto: LiteRT matches Keras within %.1e on the probe batch", diff)
+        return "litert", run
 
     @staticmethod
     def _build_keras(spec: ModelSpec):
@@ -219,11 +313,11 @@ class Backbone:
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Features for a batch of (n, size, size, 3) pixels in [0, 255]."""
-        import tensorflow as tf
-
         if pixels.ndim != 4 or pixels.shape[1:] != (self.size, self.size, 3):
             raise ValueError(f"expected (n, {self.size}, {self.size}, 3) pixels, got {pixels.shape}")
-        return self._fn(tf.convert_to_tensor(pixels, tf.float32)).numpy()
+        if self._run is None:
+            self.resolve_runtime()
+        return self._run(pixels)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self.predict(pixels)

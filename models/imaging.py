@@ -203,15 +203,61 @@ def decode_and_resize(
     to; a larger value trades speed for fidelity. Animated GIF / WebP and multi-page TIFF
     give their first frame, which is what ``Image.open`` leaves selected.
     """
+    side = max(size, draft_side or size)
+    im, w, h, fmt, scale = _decode_rgb(data, max_pixels, side if reduced_decode else 0, max_decode_bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(im, dtype=np.uint8)
+    if pixels.shape != (size, size, 3):
+        raise ImageDecodeError(f"unexpected decoded shape {pixels.shape}")
+    return DecodedImage(pixels=pixels, width=w, height=h, format=fmt, reduced_scale=scale)
+
+
+def decode_to_fit(
+    data: bytes,
+    max_side: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+) -> DecodedImage:
+    """Decodes ``data`` to RGB uint8 with its aspect ratio kept, the long side at most ``max_side``.
+
+    For local features (geometric verification): a squashed square would distort the
+    local structure that keypoint descriptors encode. Same limits, reduced-scale JPEG decode
+    and orientation handling as :func:`decode_and_resize`; never enlarges.
+    """
+    im, w, h, fmt, scale = _decode_rgb(data, max_pixels, 0, max_decode_bytes, fit_side=max_side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        long_side = max(im.size)
+        if long_side > max_side:
+            ratio = max_side / long_side
+            im = im.resize((max(1, round(im.size[0] * ratio)), max(1, round(im.size[1] * ratio))),
+                           Image.Resampling.BILINEAR)
+        pixels = np.asarray(im, dtype=np.uint8)
+    return DecodedImage(pixels=pixels, width=w, height=h, format=fmt, reduced_scale=scale)
+
+
+def _decode_rgb(data: bytes, max_pixels: int, draft_side: int, max_decode_bytes: int, fit_side: int = 0
+                ) -> tuple[Image.Image, int, int, str, int]:
+    """(RGB image, original width and height after orientation, format, JPEG reduction) with every limit checked.
+
+    ``draft_side`` > 0: a JPEG may be decoded at reduced scale while its short side stays at
+    least that; ``fit_side`` > 0: while its long side stays at least that.
+    """
     im = open_image(data, max_pixels)
     fmt = im.format or "unknown"
     w, h = im.size
     scale = 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        side = max(size, draft_side or size)
-        if reduced_decode and fmt in _DRAFT_FORMATS and min(w, h) >= 2 * side:
-            im.draft("RGB", (side, side))
+        if fmt in _DRAFT_FORMATS:
+            if draft_side and min(w, h) >= 2 * draft_side:
+                im.draft("RGB", (draft_side, draft_side))
+            elif fit_side and max(w, h) >= 2 * fit_side:
+                # draft keeps each side at least the requested one: ask for the long side's share
+                im.draft("RGB", (max(1, fit_side * w // max(w, h)), max(1, fit_side * h // max(w, h))))
             scale = max(1, round(w / im.size[0]))
         dw, dh = im.size  # what will actually be decoded (after a JPEG draft reduction)
         cost = decode_cost(im.mode, fmt, dw * dh, "transparency" in im.info)
@@ -225,11 +271,6 @@ def decode_and_resize(
         if orientation != 1:
             im = im.transpose(_ORIENTATION_OPS[orientation])
         im = _to_rgb(im)
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        pixels = np.asarray(im, dtype=np.uint8)
     if orientation in _SWAPPED_ORIENTATIONS:
         w, h = h, w
-    if pixels.shape != (size, size, 3):
-        raise ImageDecodeError(f"unexpected decoded shape {pixels.shape}")
-    return DecodedImage(pixels=pixels, width=w, height=h, format=fmt, reduced_scale=scale)
+    return im, w, h, fmt, scale

@@ -15,6 +15,7 @@ only with ``-v``):
 2     bad input or usage: the message names the file or option and the fix
 3     ``cbir extract --max-failure-fraction``: too many inputs failed (outputs were written)
 4     the job's counts did not add up: nothing was published, the previous output stands
+5     ``cbir index --gate``: the new version failed its quality gate (built, not published)
 ====  ======================================================================
 """
 
@@ -39,9 +40,11 @@ COMMAND_MODULES = (
     "pipelines.export_model",
     "pipelines.autoencode",
     "pipelines.inspect",
+    "pipelines.serve",
+    "pipelines.compare",
 )
 
-EXIT_UNEXPECTED, EXIT_USAGE, EXIT_TOO_MANY_FAILURES, EXIT_REFUSED = 1, 2, 3, 4
+EXIT_UNEXPECTED, EXIT_USAGE, EXIT_TOO_MANY_FAILURES, EXIT_REFUSED, EXIT_GATE = 1, 2, 3, 4, 5
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             sub_parser.error(problem)
     from pipelines.extract import TooManyFailuresError
+    from serving.gate import GateFailedError
     from transforms.publish import PublishRefusedError
 
     try:
@@ -96,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except TooManyFailuresError as exc:
         print(f"cbir {args.command}: {exc}", file=sys.stderr)
         return EXIT_TOO_MANY_FAILURES
+    except GateFailedError as exc:
+        print(f"cbir {args.command}: {exc}", file=sys.stderr)
+        return EXIT_GATE
     except PublishRefusedError as exc:
         if args.verbose:
             raise

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from serving import index_files, metrics
+from serving import index_files, metrics, rerank_eval
 from serving.methods import SearchOptions
 from serving.searcher import Searcher, normalise_rows
 from transforms import fsutil
@@ -52,6 +52,8 @@ class EvaluateConfig:
     verify: bool = True
     plot: str | None = None
     signing_key: bytes | None = None
+    configurations: bool = True  # every re-ranking configuration the index supports (serving.rerank_eval)
+    feedback_rounds: int = 0  # simulated relevance-feedback rounds (precision@10 after each)
 
 
 def pick_queries(n_items: int, sample: int, seed: int) -> np.ndarray:
@@ -122,6 +124,12 @@ def evaluate(searcher: Searcher, cfg: EvaluateConfig) -> dict[str, Any]:
         with_qe = metrics.label_metrics(vectors, searcher.labels, queries, query_vectors=expanded, ks=PRECISION_KS)
         report["exact_qe"] = _label_part(with_qe)
         report["pr_curve"][f"exact_qe{base.qe}"] = with_qe["pr_curve"]
+    if cfg.configurations:
+        report["configurations"] = rerank_eval.configurations(searcher, queries, qv, vectors, base)
+    if cfg.feedback_rounds:
+        report["feedback"] = {"rounds": cfg.feedback_rounds, "weights": dataclasses.asdict(base.feedback),
+                              "precision": rerank_eval.feedback_rounds(searcher, queries, qv, cfg.feedback_rounds,
+                                                                       base.feedback)}
     report["elapsed_seconds"] = round(time.perf_counter() - started, 3)
     return report
 
@@ -163,6 +171,15 @@ def format_markdown(report: dict[str, Any]) -> str:
         label = name + (suffix.replace("+rerank", "") if name == "exact" else suffix)
         cells = [_fmt(m["recall@k"]), f"{m['qps']:.0f}"] + [_fmt(m.get(f"p@{x}")) for x in PRECISION_KS if x <= k]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_fmt(m.get('map@k'))} |")
+    if report.get("configurations"):
+        lines += ["", "| configuration | mAP | P@1 | P@10 | queries/s |", "|---|---:|---:|---:|---:|"]
+        for c in report["configurations"]:
+            lines.append(f"| {c['name']} | {_fmt(c['map'])} | {_fmt(c['p@1'])} | {_fmt(c['p@10'])} | "
+                         f"{c['qps']:.0f} |")
+    if report.get("feedback"):
+        rounds = report["feedback"]["precision"]
+        lines += ["", "relevance feedback (simulated, marks by label): precision@10 "
+                  + " → ".join(f"{r['p@10']:.4f}" for r in rounds) + f" over rounds 0–{len(rounds) - 1}"]
     lines += ["", f"elapsed {report['elapsed_seconds']:.1f}s"]
     return "\n".join(lines)
 
@@ -222,6 +239,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sample", type=non_negative_int, default=0, help="use N random items as queries (default all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--feedback-rounds", type=non_negative_int, default=0, metavar="R",
+                   help="simulate R rounds of relevance feedback (the shown top 10 marked by label)")
+    p.add_argument("--feedback-weights", default=None, metavar="A,B,G", help="Rocchio weights (default 1,0.75,0.25)")
+    p.add_argument("--no-configurations", action="store_true",
+                   help="skip the re-ranking configurations (plain, QE, αQE, diffusion, verification)")
     p.add_argument("--plot", default=None, help="write the precision–recall curve to this PNG")
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not digests")
     add_signing_arg(p)
@@ -235,6 +257,7 @@ def main(args: argparse.Namespace, beam_args: list[str]) -> int:
         index=args.index, version=args.version, search=search_options(args),
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         sample=args.sample, seed=args.seed, verify=not args.no_verify, plot=args.plot, signing_key=signing_key(args),
+        configurations=not args.no_configurations, feedback_rounds=args.feedback_rounds,
     )
     report = run(cfg)
     if args.json:

@@ -36,6 +36,7 @@ from transforms.decode import DecodeFn
 from transforms.feature_sets import feature_files, read_features_manifest
 from transforms.incremental import ReuseFeatures, reusable
 from transforms.inference import BatchingOptions, ExtractFeatures
+from transforms.local_features import LocalFeaturesFn, WriteLocalParquet
 from transforms.progress import LogProgressFn
 from transforms.readers import InputSpec, ListedFile, ReadImages, write_listing
 from transforms.records import FAILURES_TAG
@@ -43,6 +44,8 @@ from transforms.records import FAILURES_TAG
 log = logging.getLogger(__name__)
 
 KINDS = ("features", "failures")
+LOCAL_KIND = "local"  # --local-features: <out>/local/part-*.parquet
+ALL_KINDS = (*KINDS, LOCAL_KIND)
 TALLIES_DIR = "_tallies"
 
 
@@ -67,6 +70,7 @@ class ExtractConfig:
     previous: str | None = None  # an earlier extract output whose features may be reused
     decode_threads: int = 0  # 0: one per core (transforms.decode)
     allow_uri_prefixes: tuple[str, ...] = ()  # parquet: uri cells read only under these (and relative ones)
+    local_features: int = 0  # up to this many SIFT keypoints per image for geometric verification (0: none)
 
 
 def build(
@@ -100,6 +104,13 @@ def build(
         | "AllFailures" >> beam.Flatten()
         | "WriteFailures" >> features_io.WriteFailureParquet(fsutil.join(staging, "failures", "part"))
     )
+    if cfg.local_features:
+        (
+            read["records"]
+            | "LocalFeatures" >> beam.ParDo(LocalFeaturesFn(cfg.local_features, max_pixels=cfg.max_pixels,
+                                                            threads=cfg.decode_threads))
+            | "WriteLocal" >> WriteLocalParquet(fsutil.join(staging, LOCAL_KIND, "part"))
+        )
     if "tallies" in read:
         (
             read["tallies"]
@@ -107,6 +118,19 @@ def build(
             | "WriteTallies" >> beam.io.WriteToText(fsutil.join(staging, TALLIES_DIR, "part"),
                                                     file_name_suffix=".jsonl")
         )
+
+
+def _preflight_runtime(spec: ModelSpec) -> None:
+    """An explicitly named runtime that cannot run fails here, before any work, never on a worker.
+
+    For litert this also converts the model once on the launcher: the flatbuffer cache
+    (models/runtimes.py) then serves every local worker, and remote ones convert once each.
+    """
+    requested = spec.requested_runtime()
+    if requested in ("keras", "litert"):
+        from models.backbone import Backbone
+
+        Backbone(spec).runner(requested)
 
 
 def _feature_dim(spec: ModelSpec) -> int:
@@ -125,6 +149,7 @@ def run(cfg: ExtractConfig, beam_args: list[str] | None = None) -> FeaturesManif
     model_desc["reduced_decode"] = cfg.reduced_decode  # the query path decodes the same way
     previous_files = _reusable_files(cfg)
     dim = _feature_dim(cfg.model)  # once: for a SavedModel this loads the model on the launcher
+    _preflight_runtime(cfg.model)
     run_id = new_run_id()
     staging = publish.staging_dir(cfg.output, run_id)
     started = time.time()
@@ -188,7 +213,8 @@ def publish_run(
     model_desc: dict[str, Any], dim: int, elapsed: float, result: Any,
 ) -> FeaturesManifest:
     """Checks the run's counts, then moves its parts in and commits the manifest."""
-    staged = publish.count_staged(staging, KINDS, run_id)
+    kinds = (*KINDS, LOCAL_KIND) if cfg.local_features else KINDS
+    staged = publish.count_staged(staging, kinds, run_id)
     ok = sum(p.rows for _, p in staged["features"])
     failed = sum(p.rows for _, p in staged["failures"])
     metrics = job_metrics.collect(result, ("cbir", "cbir_inference"))
@@ -196,6 +222,10 @@ def publish_run(
     accounting.checked = {"inputs": inputs, "read (counter)": metrics.get("read"), "rows written": ok + failed}
     publish.check_counts("extract", accounting.checked)
     reasons = _failure_reasons([src for src, _ in staged["failures"]])
+    local = None
+    if cfg.local_features:
+        read_failures = sum(n for reason, n in reasons.items() if reason.startswith("read:"))
+        local = _check_local(staged[LOCAL_KIND], ok + failed - read_failures, cfg)
     manifest = FeaturesManifest(
         run_id=run_id,
         created_utc=utc_now(),
@@ -213,12 +243,37 @@ def publish_run(
         metrics=metrics,
         options=dataclasses.asdict(cfg),
         accounting=accounting,
-        files={kind: [p for _, p in staged[kind]] for kind in KINDS},
+        files={kind: [p for _, p in staged[kind]] for kind in kinds},
+        local_features=local,
+        runtime=_runtime_used(metrics),
     )
     keep = [p.path for parts in manifest.files.values() for p in parts]
     publish.commit(cfg.output, manifest, publish.part_moves(cfg.output, staged), staging,
-                   stale=publish.stale_parts(cfg.output, KINDS, keep))
+                   stale=publish.stale_parts(cfg.output, ALL_KINDS, keep))
     return manifest
+
+
+def _runtime_used(metrics: dict[str, Any]) -> str | None:
+    """The runtimes batches ran on, from the per-batch counters (workers may choose differently under auto)."""
+    prefix = "batches_runtime_"
+    used = sorted(k[len(prefix):] for k, v in metrics.items() if k.startswith(prefix) and v)
+    return "+".join(used) or None
+
+
+def _check_local(parts: list[tuple[str, Any]], records: int, cfg: ExtractConfig) -> dict[str, Any]:
+    """One local-feature row per record the readers delivered, or nothing is published."""
+    rows = sum(p.rows for _, p in parts)
+    publish.check_counts("extract", {"records read (inputs that did not fail to read)": records,
+                                     "local-feature rows": rows})
+    with_keypoints = keypoints = 0
+    for src, _ in parts:
+        counts = features_io.read_table(src, ["keypoints"]).column("keypoints").to_numpy()
+        with_keypoints += int((counts > 0).sum())
+        keypoints += int(counts.sum())
+    from models.local_features import DEFAULT_MAX_SIDE, DETECTOR
+
+    return {"detector": DETECTOR, "max_keypoints": cfg.local_features, "max_side": DEFAULT_MAX_SIDE,
+            "rows": rows, "with_keypoints": with_keypoints, "keypoints": keypoints}
 
 
 def _failure_reasons(failure_parts: list[str]) -> dict[str, int]:
@@ -248,7 +303,7 @@ def _check_failure_fraction(manifest: FeaturesManifest, limit: float | None) -> 
 
 
 def register(subparsers: Any) -> None:
-    from pipelines.options import add_model_args, fraction, positive_int
+    from pipelines.options import add_model_args, add_runtime_arg, fraction, non_negative_int, positive_int
 
     ex = subparsers.add_parser("extract", help="images → features/*.parquet, failures/*.parquet, MANIFEST.json")
     ex.add_argument("--input", required=True, help="folder, glob, tfrecord:GLOB, wds:GLOB or parquet:GLOB")
@@ -258,7 +313,8 @@ def register(subparsers: Any) -> None:
     ex.add_argument("--batch-size", type=positive_int, default=64, help="largest inference batch")
     ex.add_argument("--min-batch-size", type=positive_int, default=8)
     ex.add_argument("--precision", choices=("float32", "float16", "bfloat16"), default="float32")
-    ex.add_argument("--jit", action="store_true", help="compile the backbone with XLA")
+    ex.add_argument("--jit", action="store_true", help="compile the backbone with XLA (the same as --runtime xla)")
+    add_runtime_arg(ex)
     ex.add_argument("--share-model", action="store_true",
                     help="one model per VM shared by all worker processes (GPU workers)")
     ex.add_argument("--model-copies", type=positive_int, default=None)
@@ -275,6 +331,9 @@ def register(subparsers: Any) -> None:
     ex.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
                     help="parquet: also read absolute uri cells under PREFIX (repeatable); relative uris always "
                          "resolve inside the Parquet file's folder")
+    ex.add_argument("--local-features", type=non_negative_int, default=0, metavar="K",
+                    help="also store up to K SIFT keypoints per image (local/*.parquet) so that the index can "
+                         "verify matches geometrically (cbir query --verify N); 0 (default): none")
     ex.add_argument("--previous", default=None,
                     help="an earlier extract output: unchanged images (same sha256 and model) are copied")
     ex.set_defaults(handler=main, beam=True)
@@ -286,7 +345,8 @@ def main(args: Any, beam_args: list[str]) -> int:
         output=args.output,
         model=ModelSpec(
             name=args.model, weights_dir=args.weights_dir, weights=args.weights, precision=args.precision,
-            jit=args.jit, signature=args.signature, output_key=args.output_key, input_size=args.input_size,
+            jit=args.jit, runtime=args.runtime, signature=args.signature, output_key=args.output_key,
+            input_size=args.input_size,
         ),
         batching=BatchingOptions(
             min_batch_size=min(args.min_batch_size, args.batch_size), max_batch_size=args.batch_size,
@@ -299,6 +359,7 @@ def main(args: Any, beam_args: list[str]) -> int:
         previous=args.previous,
         decode_threads=args.decode_threads,
         allow_uri_prefixes=tuple(args.allow_uri_prefix),
+        local_features=args.local_features,
     )
     try:
         manifest = run(cfg, beam_args)

@@ -31,7 +31,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from index_builder import calibration, hnsw, layout, lsh, signing
+from index_builder import augment, calibration, hnsw, layout, lsh, signing
 from index_builder.manifests import (
     Accounting,
     AnnoyParams,
@@ -54,6 +54,7 @@ from index_builder.transform import (
     probe_matrices,
 )
 from pipelines.runner import pipeline_options
+from serving import gate
 from transforms import fsutil, job_metrics
 from transforms import publish as protocol
 from transforms.feature_sets import feature_files, read_features_manifest
@@ -62,6 +63,7 @@ from transforms.index_build import (
     STRING_COLUMNS,
     BuildShardFn,
     FitBatchesFn,
+    KeyLocalFn,
     TransformAndKeyFn,
     make_preprocessing_fn,
     tensor_adapter_config,
@@ -96,6 +98,13 @@ class IndexConfig:
     lsh_projection: str = "itq"
     lsh_sample: int = 20_000  # vectors the LSH projection is fitted on
     signing_key_file: str | None = None  # sign the manifest (HMAC-SHA256) with this key
+    dba: int = 0  # database-side augmentation with each item's top K (0: off)
+    dba_alpha: float = augment.DEFAULT_DBA_ALPHA
+    graph_k: int = 0  # store the corpus k-NN graph (diffusion re-ranking) with K neighbours per item (0: off)
+    local_features: bool = True  # carry the features' local features (when extracted) into the shards
+    gate: str = ""  # quality conditions the version must meet before LATEST moves ('map>=0.5,recall@10>=0.95')
+    gate_queries: str | None = None  # JSON lines {"image_id", "expected"} for expected@K
+    gate_sample: int = 1000  # leave-one-out queries the gate measures on
 
     def validate(self) -> None:
         if self.lsh_bits not in lsh.SUPPORTED_BITS:
@@ -110,12 +119,21 @@ class IndexConfig:
             raise ValueError("keep_versions must be at least 1: the published version is always kept")
         if self.lsh_projection not in lsh.PROJECTIONS:
             raise ValueError(f"--lsh-projection must be one of {', '.join(lsh.PROJECTIONS)}")
+        if self.dba < 0 or self.graph_k < 0:
+            raise ValueError("--dba and --graph-k must not be negative")
+        if self.dba_alpha < 0:
+            raise ValueError("--dba-alpha must not be negative")
+        if self.gate:
+            gate.parse_conditions(self.gate)
+        elif self.gate_queries:
+            raise ValueError("--gate-queries needs --gate conditions, e.g. --gate 'expected@10>=0.9'")
         self.shard_params()  # checks the index types, HNSW and calibration settings
 
-    def shard_params(self) -> ShardParams:
+    def shard_params(self, local_features: bool = False) -> ShardParams:
         return ShardParams(trees=self.trees, seed=self.seed, on_disk_bytes=self.annoy_on_disk_bytes,
                            index_types=tuple(self.index_types), hnsw_m=self.hnsw_m,
-                           hnsw_ef_construction=self.hnsw_ef_construction, target_recall=self.target_recall)
+                           hnsw_ef_construction=self.hnsw_ef_construction, target_recall=self.target_recall,
+                           local_features=local_features)
 
 
 def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> IndexManifest:
@@ -133,6 +151,8 @@ def run(cfg: IndexConfig, beam_args: list[str] | None = None) -> IndexManifest:
     if cfg.dims and n_items < dim_out:
         log.warning("only %d items for a %d-d PCA: trailing axes will be noise", n_items, dim_out)
     key = signing.load_key(cfg.signing_key_file) if cfg.signing_key_file else None
+    if cfg.gate_queries:  # read before any work: a bad query file fails now, not after the build
+        gate.read_gate_queries(fsutil.read_bytes(cfg.gate_queries))
     version = layout.new_version()
     with Lease(cfg.output, version, cfg.stale_after_seconds):  # one build per output at a time
         return _build_and_publish(cfg, features_manifest, files, dim_in, dim_out, n_items, version, key, beam_args)
@@ -148,36 +168,154 @@ def _build_and_publish(cfg: IndexConfig, features_manifest: FeaturesManifest, fi
     _copy_encoder(features_manifest, staging)
     fit_result = _fit(cfg, files, dim_in, dim_out if cfg.dims else 0, staging, beam_args)
     transform, planes, offsets = _transform_as_data(cfg, staging, dim_in, dim_out)
-    p = beam.Pipeline(options=pipeline_options(beam_args))
-    every_shard = p | "AllShards" >> beam.Create([(s, None) for s in range(cfg.shards)])
-    keyed = (
-        p
-        | "Files" >> beam.Create(files)
-        | "ReadParquet" >> beam.io.ReadAllFromParquetBatched(columns=[*STRING_COLUMNS, "feature"])
-        | "TransformAndKey" >> beam.ParDo(TransformAndKeyFn(transform, cfg.shards))
-    )
-    (
-        (keyed, every_shard)
-        | "Merge" >> beam.Flatten()
-        | "GroupByShard" >> beam.GroupByKey()
-        | "BuildShard" >> beam.ParDo(BuildShardFn(staging, dim_out, planes, offsets, cfg.shard_params()))
-    )
-    result = p.run()
-    result.wait_until_finish()
+    local_files = feature_files(cfg.features, features_manifest, "local") if cfg.local_features else []
+    params = cfg.shard_params(local_features=bool(local_files))
+    extra = Extras(local=dict(features_manifest.local_features or {}) if local_files else None)
+    if cfg.dba:
+        # pass 2: vectors only; the launcher augments them with their neighbours; pass 3 builds the shards
+        first = _build_shards(files, transform, staging, dim_out, planes, offsets,
+                              dataclasses.replace(params, vectors_only=True, local_features=False), [],
+                              FIRST_ATTEMPTS, cfg.shards, beam_args)
+        first_attempts = choose_attempts(staging, cfg.shards, FIRST_ATTEMPTS)
+        augmented, extra.dba = _augment(cfg, staging, first_attempts)
+        extra.carried = [(i.get("duplicates_dropped", 0), i.get("non_finite_skipped", 0)) for _, i in first_attempts]
+        result = _build_shards(augmented, VectorTransform(), staging, dim_out, planes, offsets, params, local_files,
+                               ATTEMPTS, cfg.shards, beam_args)
+        counters = {**job_metrics.collect(fit_result, ("cbir_index",), distributions=False),
+                    **job_metrics.collect(first, ("cbir_index",), distributions=False),
+                    **{f"dba_pass_{k}": v for k, v in
+                       job_metrics.collect(result, ("cbir_index",), distributions=False).items()}}
+    else:
+        result = _build_shards(files, transform, staging, dim_out, planes, offsets, params, local_files, ATTEMPTS,
+                               cfg.shards, beam_args)
+        counters = {**job_metrics.collect(fit_result, ("cbir_index",), distributions=False),
+                    **job_metrics.collect(result, ("cbir_index",), distributions=False)}
+    if cfg.graph_k:
+        extra.graph = _graph(cfg, staging)
     elapsed = time.time() - started
-    counters = {**job_metrics.collect(fit_result, ("cbir_index",), distributions=False),
-                **job_metrics.collect(result, ("cbir_index",), distributions=False)}
     try:
         manifest = publish(cfg, version, staging, features_manifest, dim_in, dim_out, elapsed, counters, transform,
-                           key)
+                           key, extra)
     except protocol.PublishRefusedError:
         protocol.discard_staging(staging)  # a refused build is dead: nothing of it is worth keeping
         raise
+    except gate.GateFailedError:
+        raise  # built and committed in its folder, LATEST untouched; nothing is cleaned up
     try:
         collect_garbage(cfg.output, version, cfg.keep_versions, cfg.stale_after_seconds)
     except Exception as exc:  # the new version is published; a failed cleanup must not undo that
         log.warning("could not clean up old versions under %s: %s", cfg.output, exc)
     return manifest
+
+
+FIRST_ATTEMPTS = "attempts-first"  # --dba: the first pass's shards (vectors and id maps only)
+AUGMENTED_DIR = "_augmented"  # --dba: the augmented vectors the shards are rebuilt from (not published)
+
+
+@dataclasses.dataclass
+class Extras:
+    """What a build adds beyond the shards, for the manifest: DBA, the graph, local features."""
+
+    dba: dict[str, Any] | None = None
+    graph: dict[str, Any] | None = None
+    local: dict[str, Any] | None = None
+    carried: list[tuple[int, int]] | None = None  # --dba: per shard, (duplicates, non-finite) of the first pass
+
+
+def _build_shards(files: list[str], transform: VectorTransform, staging: str, dim: int, planes: np.ndarray,
+                  offsets: np.ndarray | None, params: ShardParams, local_files: list[str], attempts: str,
+                  shards: int, beam_args: list[str] | None):
+    """A Beam pass: feature rows (and local-feature rows) keyed by shard, each shard built on one worker."""
+    p = beam.Pipeline(options=pipeline_options(beam_args))
+    every_shard = p | "AllShards" >> beam.Create([(s, None) for s in range(shards)])
+    keyed = (
+        p
+        | "Files" >> beam.Create(files)
+        | "ReadParquet" >> beam.io.ReadAllFromParquetBatched(columns=[*STRING_COLUMNS, "feature"])
+        | "TransformAndKey" >> beam.ParDo(TransformAndKeyFn(transform, shards))
+    )
+    parts = [keyed, every_shard]
+    if local_files:
+        parts.append(
+            p
+            | "LocalFiles" >> beam.Create(local_files)
+            | "ReadLocal" >> beam.io.ReadAllFromParquetBatched(columns=list(KeyLocalFn.COLUMNS))
+            | "KeyLocal" >> beam.ParDo(KeyLocalFn(shards))
+        )
+    (
+        tuple(parts)
+        | "Merge" >> beam.Flatten()
+        | "GroupByShard" >> beam.GroupByKey()
+        | "BuildShard" >> beam.ParDo(BuildShardFn(staging, dim, planes, offsets, params, attempts))
+    )
+    result = p.run()
+    result.wait_until_finish()
+    return result
+
+
+def _load_attempts(attempts: list[tuple[str, dict[str, Any]]]) -> tuple[np.ndarray, list[Any]]:
+    """Every chosen attempt's vectors (float32, global order = shard order) and id-map tables."""
+    import pyarrow.parquet as pq
+
+    vectors, idmaps = [], []
+    for folder, _ in attempts:
+        vectors.append(np.load(io.BytesIO(fsutil.read_bytes(fsutil.join(folder, layout.VECTORS_FILE))))
+                       .astype(np.float32))
+        idmaps.append(pq.read_table(io.BytesIO(fsutil.read_bytes(fsutil.join(folder, layout.IDMAP_FILE)))))
+    dim = vectors[0].shape[1] if vectors else 0
+    return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), idmaps
+
+
+def _augment(cfg: IndexConfig, staging: str, attempts: list[tuple[str, dict[str, Any]]]
+             ) -> tuple[list[str], dict[str, Any]]:
+    """DBA on the launcher over the first pass's vectors; writes the augmented rows, one Parquet per shard.
+
+    Memory: the corpus's vectors as float32 plus the neighbour search (exact up to
+    ``augment.EXACT_UP_TO`` items, an HNSW graph beyond), i.e. about 1 GB per million
+    items at 128 dimensions.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    started = time.monotonic()
+    vectors, idmaps = _load_attempts(attempts)
+    ids, sims = augment.knn(vectors, cfg.dba)
+    augmented = augment.dba(vectors, ids, sims, cfg.dba, cfg.dba_alpha)
+    del vectors, ids, sims
+    out, lo = [], 0
+    for s, idmap in enumerate(idmaps):
+        n = idmap.num_rows
+        block = augmented[lo:lo + n]
+        lo += n
+        table = pa.table({
+            "image_id": idmap.column("image_id"), "uri": idmap.column("uri"), "label": idmap.column("label"),
+            "sha256": idmap.column("sha256"),
+            "feature": pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1), pa.float32()),
+                                                         block.shape[1] if block.ndim == 2 else 0),
+        })
+        path = fsutil.join(staging, AUGMENTED_DIR, f"part-{s:05d}.parquet")
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        fsutil.write_bytes_atomic(path, buf.getvalue().to_pybytes())
+        out.append(path)
+    info = {"k": cfg.dba, "alpha": cfg.dba_alpha, "neighbours": augment.method_for(len(augmented)),
+            "seconds": round(time.monotonic() - started, 3)}
+    log.info("DBA (k=%d, alpha=%g) over %d items in %.1fs", cfg.dba, cfg.dba_alpha, len(augmented), info["seconds"])
+    return out, info
+
+
+def _graph(cfg: IndexConfig, staging: str) -> dict[str, Any]:
+    """The k-NN graph of the stored vectors (global ids), for diffusion; written under ``staging/graph/``."""
+    started = time.monotonic()
+    vectors, _ = _load_attempts(choose_attempts(staging, cfg.shards))
+    ids, sims = augment.knn(vectors, cfg.graph_k)
+    _write_npy(fsutil.join(staging, layout.GRAPH_NEIGHBOURS), ids.astype(np.int32))
+    _write_npy(fsutil.join(staging, layout.GRAPH_SIMILARITIES), np.where(ids >= 0, sims, 0).astype(np.float16))
+    info = {"k": cfg.graph_k, "neighbours": layout.GRAPH_NEIGHBOURS, "similarities": layout.GRAPH_SIMILARITIES,
+            "built_on": "the stored vectors" + (" (after DBA)" if cfg.dba else ""),
+            "method": augment.method_for(len(vectors)), "seconds": round(time.monotonic() - started, 3)}
+    log.info("k-NN graph (k=%d) of %d items in %.1fs", cfg.graph_k, len(vectors), info["seconds"])
+    return info
 
 
 def _fit(cfg: IndexConfig, files: list[str], dim_in: int, dims: int, staging: str, beam_args: list[str] | None):
@@ -289,17 +427,17 @@ def _sizes(pattern: str) -> dict[str, int]:
     return {m.path: m.size_in_bytes for m in found}
 
 
-def choose_attempts(staging: str, shards: int) -> list[tuple[str, dict[str, Any]]]:
+def choose_attempts(staging: str, shards: int, attempts: str = ATTEMPTS) -> list[tuple[str, dict[str, Any]]]:
     """For every shard, one complete build attempt: (folder, SHARD.json content).
 
     Complete means SHARD.json exists (uploaded last) and every file it lists is
     there at the size it records. Among complete attempts the first by name wins;
     any of them is a valid shard.
     """
-    sizes = _sizes(fsutil.join(staging, ATTEMPTS, "**"))
+    sizes = _sizes(fsutil.join(staging, attempts, "**"))
     chosen = []
     for s in range(shards):
-        prefix = fsutil.join(staging, ATTEMPTS, f"shard-{s:05d}-")
+        prefix = fsutil.join(staging, attempts, f"shard-{s:05d}-")
         infos = sorted(p for p in sizes if p.startswith(prefix) and p.endswith("/" + layout.SHARD_INFO))
         for info_path in infos:
             folder = info_path[: -len(layout.SHARD_INFO) - 1]
@@ -324,10 +462,16 @@ def publish(
     metrics: dict[str, int] | None = None,
     transform: VectorTransform | None = None,
     signing_key: bytes | None = None,
+    extras: Extras | None = None,
 ) -> IndexManifest:
     """Checks the build's counts, moves it into ``<output>/<version>``, commits its manifest, switches ``LATEST``."""
+    extras = extras or Extras()
     attempts = choose_attempts(staging, cfg.shards)
     infos = [info for _, info in attempts]
+    if extras.carried:  # --dba: rows the first pass left out are accounted for by its shards
+        for info, (dup, non_finite) in zip(infos, extras.carried, strict=True):
+            info["duplicates_dropped"] = info.get("duplicates_dropped", 0) + dup
+            info["non_finite_skipped"] = info.get("non_finite_skipped", 0) + non_finite
     rows_in = sum(p.rows for p in features_manifest.parts("features"))
     accounted = sum(i["items"] + i.get("duplicates_dropped", 0) + i.get("non_finite_skipped", 0) for i in infos)
     checked = {"feature rows": rows_in, "rows read (counter)": (metrics or {}).get("rows_read"),
@@ -341,7 +485,8 @@ def publish(
             moves.append((fsutil.join(folder, name), f"{layout.shard_dir(s)}/{name}"))
         files[f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"] = _digest(fsutil.join(folder, layout.SHARD_INFO))
         moves.append((fsutil.join(folder, layout.SHARD_INFO), f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"))
-    for sub in (layout.TRANSFORM_DIR, layout.TRANSFORMED_METADATA_DIR, layout.TRANSFORM_DATA_DIR, layout.ENCODER_DIR):
+    for sub in (layout.TRANSFORM_DIR, layout.TRANSFORMED_METADATA_DIR, layout.TRANSFORM_DATA_DIR, layout.ENCODER_DIR,
+                layout.GRAPH_DIR):
         found = fsutil.match(fsutil.join(staging, sub, "**"))
         if sub == layout.TRANSFORM_DIR and not found:
             raise IndexBuildError(f"{staging} has no {sub}/: the tf.Transform fit did not complete")
@@ -391,6 +536,11 @@ def publish(
         bytes=sum(f.bytes for f in files.values()),
         files=dict(sorted(files.items())),
         accounting=Accounting("upstream manifest", len(features_manifest.parts("features")), rows_in, checked),
+        dba=extras.dba,
+        graph=extras.graph,
+        local_features=({**extras.local, "items_with_local_features": sum(
+            (i.get("local_features") or {}).get("items_with_local_features", 0) for i in infos)}
+            if extras.local is not None else None),
     )
     final = fsutil.join(cfg.output, version)
     moves = [(src, fsutil.join(final, rel)) for src, rel in moves]
@@ -400,9 +550,43 @@ def publish(
         fsutil.write_bytes_atomic(fsutil.join(final, signing.SIGNATURE_FILE),
                                   signing.sign(protocol.manifest_bytes(manifest), signing_key).encode())
     protocol.commit(final, manifest, [], staging)  # the commit point: the version's MANIFEST.json
+    if cfg.gate:  # the version is whole in its folder; products see it only once LATEST names it
+        _gate(cfg, version)
     fsutil.write_json_atomic(fsutil.join(cfg.output, layout.POINTER), {"version": version})
     log.info("published %s: %d items in %d shards, %.1f MB", version, total, cfg.shards, manifest.bytes / 1e6)
     return manifest
+
+
+GATE_SUFFIX = ".gate.json"  # <output>/<version>.gate.json: the gate's report beside the version
+
+
+def _gate(cfg: IndexConfig, version: str) -> dict[str, Any]:
+    """Measures the committed version; raises GateFailedError (LATEST untouched) when a condition fails."""
+    from serving import index_files
+    from serving.searcher import Searcher
+
+    conditions = gate.parse_conditions(cfg.gate)
+    queries = gate.read_gate_queries(fsutil.read_bytes(cfg.gate_queries)) if cfg.gate_queries else None
+    started = time.time()
+    root = index_files.localise(cfg.output, version)
+    with Searcher(root, version=version, verify=False) as searcher:  # just written by this job
+        measured = gate.measure(searcher, conditions, cfg.gate_sample, cfg.seed, queries)
+    passed, rows = gate.check(conditions, measured)
+    report = {"version": version, "passed": passed, "conditions": rows, "measured": measured,
+              "sample": cfg.gate_sample, "queries_file": cfg.gate_queries, "seconds": round(time.time() - started, 3),
+              "created_utc": utc_now()}
+    path = fsutil.join(cfg.output, version + GATE_SUFFIX)
+    fsutil.write_json_atomic(path, report)
+    if not passed:
+        failed = ", ".join(f"{r['condition']} (measured {_show(r['measured'])})" for r in rows if not r["passed"])
+        raise gate.GateFailedError(f"the quality gate failed for {version}: {failed}. LATEST still names the previous "
+                                   f"version; {version} stays built but unpublished, report at {path}", report)
+    log.info("gate passed for %s: %s", version, ", ".join(f"{r['condition']} ({_show(r['measured'])})" for r in rows))
+    return report
+
+
+def _show(value: float | None) -> str:
+    return "not computable" if value is None else f"{value:.4f}"
 
 
 def _calibrated_max(infos: list[dict[str, Any]], kind: str, key: str, default: Any) -> Any:
@@ -467,6 +651,8 @@ def collect_garbage(
     for rel in plan.all:
         log.info("deleting %s/%s", output, rel)
         fsutil.delete_tree(fsutil.join(output, rel))
+        if layout.is_version(rel):
+            fsutil.delete_quietly([fsutil.join(output, rel + GATE_SUFFIX)])
     if "://" not in output:  # local disk keeps empty folders; object stores have none
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(output, layout.STAGING))
@@ -502,6 +688,22 @@ def register(subparsers: Any) -> None:
                     help="recall@10 each index type is calibrated to per shard (0: no calibration)")
     ix.add_argument("--lsh-projection", choices=lsh.PROJECTIONS, default="itq",
                     help="how LSH hyperplanes are made (itq: learned PCA-ITQ rotation)")
+    ix.add_argument("--dba", type=non_negative_int, default=0, metavar="K",
+                    help="database-side augmentation: store each vector as the similarity-weighted mean of itself "
+                         "and its top K (a second build pass; queries stay as they are)")
+    ix.add_argument("--dba-alpha", type=float, default=augment.DEFAULT_DBA_ALPHA,
+                    help="DBA weights are similarity**alpha")
+    ix.add_argument("--graph-k", type=non_negative_int, default=0, metavar="K",
+                    help="store the corpus k-NN graph with K neighbours per item, for --diffusion re-ranking")
+    ix.add_argument("--no-local-features", action="store_true",
+                    help="leave out the local features the extract stored (no --verify with this index)")
+    ix.add_argument("--gate", default="", metavar="CONDITIONS",
+                    help="only switch LATEST when the new version meets these, e.g. 'map>=0.50,recall@10>=0.95' "
+                         "(metrics: map, p@1, p@5, p@10, recall@K, expected@K, queries_found); else exit 5")
+    ix.add_argument("--gate-queries", default=None, metavar="FILE",
+                    help="JSON lines {\"image_id\": ..., \"expected\": [...]} for expected@K")
+    ix.add_argument("--gate-sample", type=positive_int, default=1000,
+                    help="leave-one-out queries the gate measures on (seeded)")
     ix.add_argument("--signing-key", default=None, metavar="FILE",
                     help="sign the version's manifest with HMAC-SHA256 under this key (readers given it refuse others)")
     ix.set_defaults(handler=main, beam=True)
@@ -514,10 +716,16 @@ def main(args: Any, beam_args: list[str]) -> int:
         stale_after_seconds=args.stale_after_hours * 3600,
         index_types=tuple(t.strip() for t in args.index_types.split(",") if t.strip()),
         hnsw_m=args.hnsw_m, hnsw_ef_construction=args.hnsw_ef_construction, target_recall=args.target_recall,
-        lsh_projection=args.lsh_projection, signing_key_file=args.signing_key,
+        lsh_projection=args.lsh_projection, signing_key_file=args.signing_key, dba=args.dba,
+        dba_alpha=args.dba_alpha, graph_k=args.graph_k, local_features=not args.no_local_features,
+        gate=args.gate, gate_queries=args.gate_queries, gate_sample=args.gate_sample,
         **({"annoy_on_disk_bytes": args.annoy_on_disk_mb << 20} if args.annoy_on_disk_mb else {}),
     )
-    print_summary(run(cfg, beam_args))
+    manifest = run(cfg, beam_args)
+    print_summary(manifest)
+    if cfg.gate:
+        report = fsutil.read_json(fsutil.join(cfg.output, manifest.version + GATE_SUFFIX))
+        print("  gate passed: " + ", ".join(f"{r['condition']} ({_show(r['measured'])})" for r in report["conditions"]))
     return 0
 
 

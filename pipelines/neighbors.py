@@ -111,6 +111,12 @@ def run(cfg: NeighborsConfig, beam_args: list[str] | None = None) -> NeighborsMa
         raise ValueError("--output must not be the index folder")
     version, index_manifest = index_files.resolve(cfg.index, cfg.version, cfg.signing_key)
     manifest_sha256 = hashlib.sha256(fsutil.read_bytes(fsutil.join(cfg.index, version, layout.MANIFEST))).hexdigest()
+    if cfg.options.search.verify and not index_manifest.local_features:
+        raise ValueError(f"{cfg.index}/{version} carries no local features, so --verify cannot run: extract with "
+                         "--local-features K (e.g. 256), then rebuild the index from those features")
+    if cfg.options.search.diffusion and not index_manifest.graph:
+        raise ValueError(f"{cfg.index}/{version} has no k-NN graph, so --diffusion cannot run: rebuild the index "
+                         "with --graph-k K (e.g. 20)")
     available = ("exact", *index_manifest.index_types)
     cfg.options = dataclasses.replace(cfg.options, search=cfg.options.search.resolve(available))
     work = chunks(list(index_manifest.items_per_shard or _items_per_shard(cfg.index, version, index_manifest)),

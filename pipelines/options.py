@@ -73,6 +73,16 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None) -> None:
                    help="folder with Keras weights files by their Keras names (default $CBIR_WEIGHTS_DIR)")
 
 
+def add_runtime_arg(p: argparse.ArgumentParser) -> None:
+    """``--runtime``: how the backbone runs (models/runtimes.py); the vectors match Keras within 1e-4."""
+    from models.runtimes import CHOICES, PARITY_TOLERANCE
+
+    p.add_argument("--runtime", choices=CHOICES, default="auto",
+                   help="run the backbone as keras, a traced graph, xla, or litert (XNNPACK); auto (default): on "
+                        f"a GPU the graph, on a CPU litert when it converts and matches Keras within "
+                        f"{PARITY_TOLERANCE:g}, else the graph")
+
+
 def add_search_args(p: argparse.ArgumentParser, method: str = "auto", k: int = 10, rerank_flag: str = "--rerank"
                     ) -> None:
     """-k, --method, re-ranking, query expansion and per-method effort: one :class:`SearchOptions`.
@@ -100,6 +110,12 @@ def add_search_args(p: argparse.ArgumentParser, method: str = "auto", k: int = 1
                    help="LSH candidates per shard (default: the value the index calibrated, else 20k)")
     p.add_argument("--candidates", type=non_negative_int, default=0,
                    help="candidates per shard for every method (default: each method's own)")
+    p.add_argument("--diffusion", action="store_true",
+                   help="re-rank by diffusion over the index's k-NN graph (built with cbir index --graph-k)")
+    p.add_argument("--diffusion-candidates", type=int_at_least(2), default=100,
+                   help="how many first results diffusion re-orders (its cost depends on this, not the corpus)")
+    p.add_argument("--verify", type=non_negative_int, default=0, metavar="N",
+                   help="re-rank the top N by geometric verification inliers (needs extract --local-features)")
 
 
 def add_signing_arg(p: argparse.ArgumentParser) -> None:
@@ -118,6 +134,13 @@ def search_options(args: argparse.Namespace, **overrides) -> SearchOptions:
         "k": args.k, "method": args.method, "rerank": args.rerank, "qe": args.qe, "qe_alpha": args.qe_alpha,
         "search_k": args.search_k, "ef_search": args.ef_search, "lsh_radius": args.lsh_radius,
         "lsh_candidates": args.lsh_candidates, "candidates": args.candidates,
+        "diffusion": getattr(args, "diffusion", False),
+        "diffusion_candidates": getattr(args, "diffusion_candidates", 100),
+        "verify": getattr(args, "verify", 0),
     }
+    if getattr(args, "feedback_weights", None):
+        from serving.rerank import FeedbackWeights
+
+        fields["feedback"] = FeedbackWeights.parse(args.feedback_weights)
     fields.update(overrides)
     return SearchOptions(**fields)

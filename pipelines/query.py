@@ -57,14 +57,22 @@ def run_query(
     serving: ServingOptions | None = None,
     signing_key: bytes | None = None,
     model: str | None = None,
+    runtime: str = "auto",
+    like: tuple[str, ...] = (),
+    unlike: tuple[str, ...] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
     """Returns (result rows, failures, timings); all images go through the model as one batch
-    (with ``serving``, as batches of requests to TF Serving)."""
+    (with ``serving``, as batches of requests to TF Serving).
+
+    ``like`` / ``unlike`` are image ids of indexed results marked relevant / not relevant
+    (relevance feedback, applied to every query). With ``opts.verify``, each query image's
+    local features are extracted as the index's were and the top N verified geometrically.
+    """
     t0 = time.perf_counter()
     searcher = Searcher(index, version=version, verify=verify, signing_key=signing_key)
     t1 = time.perf_counter()
     if serving is None:
-        embedder = open_embedder(searcher.version_dir, searcher.manifest, weights_dir, model=model)
+        embedder = open_embedder(searcher.version_dir, searcher.manifest, weights_dir, model=model, runtime=runtime)
     else:
         from serving.client import ServingEmbedder, make_client
 
@@ -80,8 +88,13 @@ def run_query(
     t3 = time.perf_counter()
     rows = []
     opts = searcher.options(opts)
+    if opts.verify and not searcher.capabilities["verify"]:
+        raise ValueError(f"{index} carries no local features, so --verify cannot run: extract with "
+                         "--local-features K (e.g. 256), then rebuild the index from those features")
+    like_ids, unlike_ids = _marked(searcher, like), _marked(searcher, unlike)
     for path, vec in zip(ok_paths, vectors, strict=True):
-        hits = searcher.search(vec, opts)
+        local = searcher.query_local_features(fsutil.read_input(path)) if opts.verify else None
+        hits = searcher.search(vec, opts, like=like_ids, unlike=unlike_ids, local=local)
         rows.append({"query": path, "results": [searcher.describe(h, r + 1) for r, h in enumerate(hits)]})
     t4 = time.perf_counter()
     if sheet:
@@ -92,18 +105,31 @@ def run_query(
     return rows, fails, timings
 
 
+def _marked(searcher: Searcher, image_ids: tuple[str, ...]) -> list[int]:
+    """Global ids of feedback marks given as image ids; an id the index does not hold is a usage error."""
+    out = []
+    for image_id in image_ids:
+        try:
+            out.append(searcher.find(image_id))
+        except KeyError:
+            raise ValueError(f"--like / --unlike: {image_id!r} is not in {searcher.version_dir}") from None
+    return out
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for row in rows:
+        verified = any("inliers" in r for r in row["results"])
         lines.append(f"query: {row['query']}")
-        lines.append(f"  {'rank':>4}  {'score':>7}  {'label':<16} image_id")
+        lines.append(f"  {'rank':>4}  {'score':>7}  " + ("inliers  " if verified else "") + f"{'label':<16} image_id")
         for r in row["results"]:
-            lines.append(f"  {r['rank']:>4}  {r['score']:>7.4f}  {str(r['label'] or '-'):<16} {r['image_id']}")
+            inl = (f"{r['inliers']:>7}  " if r.get("inliers") is not None else f"{'-':>7}  ") if verified else ""
+            lines.append(f"  {r['rank']:>4}  {r['score']:>7.4f}  {inl}{str(r['label'] or '-'):<16} {r['image_id']}")
     return "\n".join(lines)
 
 
 def register(subparsers: Any) -> None:
-    from pipelines.options import add_search_args, add_signing_arg
+    from pipelines.options import add_runtime_arg, add_search_args, add_signing_arg
 
     q = subparsers.add_parser("query", help="image files → nearest neighbours")
     q.add_argument("--index", required=True)
@@ -116,7 +142,14 @@ def register(subparsers: Any) -> None:
     q.add_argument("--weights-dir", default=None)
     q.add_argument("--model", default=None,
                    help="savedmodel:PATH for an index built with a SavedModel backbone (never taken from the index)")
+    add_runtime_arg(q)
     add_signing_arg(q)
+    q.add_argument("--like", nargs="+", default=[], metavar="IMAGE_ID",
+                   help="relevance feedback: indexed results marked relevant (the query moves toward them)")
+    q.add_argument("--unlike", nargs="+", default=[], metavar="IMAGE_ID",
+                   help="relevance feedback: results marked not relevant (the query moves away from them)")
+    q.add_argument("--feedback-weights", default=None, metavar="A,B,G",
+                   help="Rocchio weights of the query, the relevant and the not-relevant mean (default 1,0.75,0.25)")
     q.add_argument("--serving", default=None, metavar="HOST:PORT",
                    help="embed the queries with TensorFlow Serving (cbir export-model) instead of the local model")
     q.add_argument("--serving-protocol", choices=("grpc", "rest"), default="grpc",
@@ -138,7 +171,7 @@ def main(args: Any, beam_args: list[str]) -> int:
         rows, failures, timings = run_query(
             args.index, args.images, search_options(args), version=args.version, weights_dir=args.weights_dir,
             sheet=args.sheet, verify=not args.no_verify, serving=serving, signing_key=signing_key(args),
-            model=args.model,
+            model=args.model, runtime=args.runtime, like=tuple(args.like), unlike=tuple(args.unlike),
         )
     except ServingError as exc:
         print(f"cbir query: {exc}", file=sys.stderr)

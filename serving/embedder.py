@@ -91,6 +91,7 @@ class Embedder(FileEmbedding):
         self.space_fingerprint = space_fingerprint(manifest)
         self.spec = spec
         self.backbone = Backbone(spec)
+        self.runtime = self.backbone.resolve_runtime()  # here, so a runtime that cannot run fails at open
         self.max_pixels = max_pixels
         # decode as the corpus was decoded (extract --full-decode turns reduced-scale JPEG off)
         self.reduced_decode = manifest.reduced_decode
@@ -132,11 +133,15 @@ class Embedder(FileEmbedding):
 
 
 def open_embedder(version_dir: str, manifest: IndexManifest, weights_dir: str | None = None,
-                  model: str | None = None, precision: str | None = None) -> Embedder:
+                  model: str | None = None, precision: str | None = None, runtime: str = "auto") -> Embedder:
     """An embedder for ``version_dir``: the index's own model unless ``model`` names another one,
-    which is then checked against the index's fingerprint (and refused when it differs)."""
+    which is then checked against the index's fingerprint (and refused when it differs).
+
+    ``runtime`` (models/runtimes.py) is not part of the fingerprint: an index extracted on LiteRT
+    answers queries embedded on the graph and back, the vectors agreeing within 1e-4."""
     spec = spec_from_manifest(manifest, weights_dir, savedmodel=model, precision=precision)
     if model and model != spec.name:
         spec = dataclasses.replace(spec, name=model)
+    spec = dataclasses.replace(spec, runtime=runtime)
     return Embedder(version_dir, manifest, spec)
 

@@ -18,7 +18,7 @@ import uuid
 
 import numpy as np
 
-from index_builder import layout, signing
+from index_builder import layout, local_store, signing
 from index_builder.hnsw import HNSW_FILE
 from index_builder.manifests import IndexManifest, ManifestError
 from index_builder.transform import VectorTransform
@@ -128,6 +128,10 @@ def required_files(manifest: IndexManifest) -> list[str]:
         per_shard += [layout.CODES_FILE, layout.MIH_OFFSETS_FILE, layout.MIH_IDS_FILE]
     if "hnsw" in manifest.index_types:
         per_shard.append(HNSW_FILE)
+    if manifest.local_features:
+        per_shard += list(local_store.FILES)
+    if manifest.graph:
+        need += [layout.GRAPH_NEIGHBOURS, layout.GRAPH_SIMILARITIES]
     for s in range(manifest.shards):
         need += [f"{layout.shard_dir(s)}/{name}" for name in per_shard]
     return need

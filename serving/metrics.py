@@ -19,6 +19,7 @@ them against a loop written from the textbook definitions):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -134,11 +135,15 @@ def label_metrics(
     ks: tuple[int, ...] = (1, 5, 10),
     levels: np.ndarray = RECALL_LEVELS,
     block: int = 256,
+    reorder: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """mAP over the full leave-one-out ranking, P@k and the PR curve, over labelled items.
 
     ``queries`` are positions in ``vectors`` (default: every labelled item); unlabelled
     queries are skipped, and so are queries whose label no other item carries.
+    ``reorder(query ids, ranked ids)`` (both positions in ``vectors``; ranked (b, m)) may
+    return each ranking with its head re-ordered (a re-ranker: diffusion, verification);
+    the rest of the ranking stays as it was, so mAP stays a full-ranking figure.
     """
     lab = np.asarray(labels, dtype=object)
     labelled = np.flatnonzero(_has_label(lab))
@@ -157,6 +162,8 @@ def label_metrics(
     aps, precisions, curves = [], {k: [] for k in ks}, []
     for pos, ranked in leave_one_out_rankings(sub_vectors, where[queries], query_vectors, block):
         qsub = where[queries[pos]]
+        if reorder is not None:
+            ranked = where[reorder(queries[pos], labelled[ranked])]
         rel = sub_labels[ranked] == sub_labels[qsub][:, None]
         r = n_relevant_all[qsub]
         aps.append(average_precision(rel, r))

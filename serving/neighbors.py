@@ -31,6 +31,7 @@ SCHEMA = pa.schema(
         ("duplicate", pa.list_(pa.bool_())),
         ("duplicate_ids", pa.list_(pa.string())),
         ("duplicate_count", pa.int32()),
+        pa.field("inliers", pa.list_(pa.int32()), nullable=True),  # --verify N: per neighbour, -1 beyond N
     ]
 )
 
@@ -94,12 +95,24 @@ def neighbor_table(
     """Neighbour rows of the given global ids, searched as one batch with each item excluded."""
     gids = np.asarray(gids, np.int64)
     vectors = searcher.vectors_of(gids)
-    ids, scores = searcher.search_arrays(vectors, opts.search, exclude=gids)
+    verify_n = opts.search.verify
+    counts = None
+    if verify_n:  # verified copies: the top N re-ordered by inliers against each item's own local features
+        wide = dataclasses.replace(opts.search, k=max(opts.search.k, verify_n), verify=0)
+        ids, scores = searcher.search_arrays(vectors, wide, exclude=gids)
+        ids, scores, counts = searcher.verify_arrays([searcher.local_features_of(int(g)) for g in gids], ids,
+                                                     scores, verify_n)
+        k = opts.search.k
+        ids, scores, counts = ids[:, :k], scores[:, :k], counts[:, :k]
+    else:
+        ids, scores = searcher.search_arrays(vectors, opts.search, exclude=gids)
     names = searcher.image_ids
+    col_inliers = []
     col_ids, col_scores, col_dup, col_dup_ids, col_dup_count = [], [], [], [], []
     for gid, row_ids, row_scores in zip(gids.tolist(), ids, scores, strict=True):
         keep = (row_ids >= 0) & (row_ids != gid)  # the search excludes it already; a table must never hold it
         row_ids, row_scores = row_ids[keep], row_scores[keep]
+        col_inliers.append(None if counts is None else counts[len(col_inliers)][keep].tolist())
         col_ids.append([names[i] for i in row_ids.tolist()])
         col_scores.append(row_scores.astype(np.float32))
         col_dup.append(duplicates.same(gid, row_ids).tolist())
@@ -114,6 +127,7 @@ def neighbor_table(
             pa.array(col_dup, pa.list_(pa.bool_())),
             pa.array(col_dup_ids, pa.list_(pa.string())),
             pa.array(col_dup_count, pa.int32()),
+            pa.array(col_inliers, pa.list_(pa.int32())),
         ],
         schema=SCHEMA,
     )

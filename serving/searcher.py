@@ -31,11 +31,13 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from index_builder import layout
+from index_builder import layout, local_store
 from index_builder.manifests import IndexManifest
 from index_builder.vector_space import space_fingerprint, transform_fingerprint
-from serving import compatibility, index_files, topk
+from models.local_features import LocalFeatures
+from serving import compatibility, index_files, rerank, topk, verify
 from serving.methods import METHODS, Method, SearchOptions
+from serving.rerank import FeedbackWeights
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class Hit:
     score: float  # cosine similarity in the transformed space
     shard: int
     id: int
+    inliers: int | None = None  # geometric verification (SearchOptions.verify): matches one homography explains
 
 
 class Searcher:
@@ -116,6 +119,11 @@ class Searcher:
             len(self.image_ids)
         )
         self._resolved_cache: dict[SearchOptions, SearchOptions] = {}
+        self._plans: dict[SearchOptions, tuple[list[Method], list[int], list[Shard]]] = {}
+        self._gid_of: dict[str, int] | None = None
+        self._graph = self._open_graph()
+        self._local = ([local_store.ShardLocal(os.path.join(self.version_dir, layout.shard_dir(s.number)), s.size)
+                        for s in self.shards] if self.manifest.local_features else None)
         self._threads = threads or min(8, max(2, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="cbir-search")
         log.info("opened %s: %d items in %d shards (%s)", self.version_dir, self.size, len(self.shards),
@@ -148,19 +156,37 @@ class Searcher:
         annoy = self.methods.get("annoy")
         return annoy.default_search_k if annoy is not None else -1
 
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        """What this version can be asked for beyond plain search (a service shows the matching controls)."""
+        return {
+            "methods": list(self.available_methods),
+            "verify": self._local is not None,
+            "diffusion": self._graph is not None,
+            "dba": (self.manifest.dba or {}).get("k"),
+            "labels": any(label is not None for label in self.labels),
+        }
+
+    def find(self, image_id: str) -> int:
+        """The global id of an indexed image (KeyError when this version does not hold it)."""
+        if self._gid_of is None:
+            self._gid_of = {i: g for g, i in enumerate(self.image_ids)}
+        return self._gid_of[image_id]
+
     def check_embedder(self, embedder: Any) -> None:
         """Refuses an embedder made for another version's model or transform."""
         compatibility.check_space(embedder.space_fingerprint, self.manifest, self.version_dir)
 
     def open_embedder(self, weights_dir: str | None = None, precision: str | None = None,
-                      model: str | None = None) -> Any:
+                      model: str | None = None, runtime: str = "auto") -> Any:
         """An :class:`serving.embedder.Embedder` for image queries against this very version.
 
         ``model`` (``savedmodel:PATH``) is needed for an index built with a SavedModel backbone.
         """
         from serving.embedder import open_embedder
 
-        return open_embedder(self.version_dir, self.manifest, weights_dir, model=model, precision=precision)
+        return open_embedder(self.version_dir, self.manifest, weights_dir, model=model, precision=precision,
+                             runtime=runtime)
 
     def _open_shard(self, number: int) -> Shard:
         d = os.path.join(self.version_dir, layout.shard_dir(number))
@@ -221,22 +247,132 @@ class Searcher:
         key = opts or _DEFAULT_OPTIONS
         found = self._resolved_cache.get(key)
         if found is None:
+            if len(self._resolved_cache) >= 512:  # a service sending many distinct options: stay bounded
+                self._resolved_cache.clear()
             found = self._resolved_cache[key] = self.options(key)
         return found
 
     def search(self, vector: np.ndarray, opts: SearchOptions | None = None,
-               exclude: tuple[int, int] | int | None = None, **overrides: Any) -> list[Hit]:
+               exclude: tuple[int, int] | int | None = None, like: Any = (), unlike: Any = (),
+               local: LocalFeatures | None = None, **overrides: Any) -> list[Hit]:
         """Top-k hits for one transformed query vector (normalised here).
 
         ``exclude`` drops one item, given as (shard, id) or global id, for leave-one-out
-        evaluation and neighbour tables. Keywords override fields of ``opts``.
+        evaluation and neighbour tables. ``like`` / ``unlike`` (global ids) are relevance
+        feedback: the query moves toward / away from them (Rocchio, ``opts.feedback``) before
+        the search. With ``opts.verify`` N, the top N are re-ordered by geometric verification
+        against ``local`` (the query's local features; for an indexed item, its own are used
+        when ``local`` is None and ``exclude`` names it). Keywords override fields of ``opts``.
         """
+        opts = self._resolved(opts) if not overrides else self.options(opts, **overrides)
         if exclude is not None and not isinstance(exclude, int | np.integer):
             exclude = self.global_id(*exclude)
         excl = None if exclude is None else np.asarray([exclude], dtype=np.int64)
-        ids, scores = self.search_arrays(np.asarray(vector, dtype=np.float32).reshape(1, -1), opts, exclude=excl,
-                                         **overrides)
-        return self._hits(ids[0], scores[0])
+        q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        if len(like) or len(unlike):
+            q = self.feedback_query(q[0], like, unlike, opts.feedback)[None, :]
+        if not opts.verify:
+            ids, scores = self.search_arrays(q, opts, exclude=excl)
+            return self._hits(ids[0], scores[0])
+        if local is None and exclude is not None:
+            local = self.local_features_of(int(exclude))
+        if local is None:
+            raise ValueError("--verify needs the query's local features (an image query, or an indexed item)")
+        wide = dataclasses.replace(opts, k=max(opts.k, opts.verify), verify=0)
+        ids, scores = self.search_arrays(q, wide, exclude=excl)
+        ids, scores, counts = self.verify_arrays([local], ids, scores, opts.verify)
+        return self._hits(ids[0, : opts.k], scores[0, : opts.k], counts[0, : opts.k])
+
+    def feedback_query(self, vector: np.ndarray, like: Any, unlike: Any,
+                       weights: FeedbackWeights | None = None) -> np.ndarray:
+        """Rocchio: the (transformed) query moved toward the stored vectors of ``like`` and away from ``unlike``."""
+        liked = self.vectors_of(np.asarray(list(like), np.int64).reshape(-1))
+        unliked = self.vectors_of(np.asarray(list(unlike), np.int64).reshape(-1))
+        for gid in [*like, *unlike]:
+            self.locate(int(gid))  # IndexError for an id this version does not hold
+        return rerank.rocchio(vector, liked, unliked, weights or FeedbackWeights())
+
+    def local_features_of(self, gid: int) -> LocalFeatures | None:
+        """The stored local features of an indexed item (None when this index carries none)."""
+        if self._local is None:
+            return None
+        shard, item = self.locate(gid)
+        points, descriptors = self._local[shard].item(item)
+        return LocalFeatures(points, descriptors)
+
+    def query_local_features(self, image_bytes: bytes) -> LocalFeatures | None:
+        """Local features of a query image, extracted as the index's were (None when it carries none)."""
+        info = self.manifest.local_features
+        if not info:
+            return None
+        from models.local_features import from_image_bytes
+
+        return from_image_bytes(image_bytes, int(info["max_keypoints"]), int(info.get("max_side", 512)))
+
+    def verify_arrays(self, queries: list[LocalFeatures | None], ids: np.ndarray, scores: np.ndarray, n: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each row's top ``n`` re-ordered by verified inliers (global score breaking ties).
+
+        Returns (ids, scores, inliers); inliers is -1 beyond the verified top ``n`` and where
+        the query had no local features. Only the candidates' local features are read.
+        """
+        if self._local is None:
+            raise ValueError(f"{self.version_dir} carries no local features, so --verify cannot run: extract with "
+                             "--local-features K (e.g. 256), then rebuild the index from those features")
+        ids, scores = ids.copy(), scores.copy()
+        counts = np.full(ids.shape, -1, np.int32)
+        for row, query in enumerate(queries):
+            if query is None:
+                continue
+            top = min(n, int((ids[row] >= 0).sum()))
+            cand = ids[row, :top]
+            found = verify.verify(query, [self.local_features_of(int(g)) for g in cand])
+            order = verify.rerank(cand, scores[row, :top], found)
+            ids[row, :top], scores[row, :top], counts[row, :top] = cand[order], scores[row, :top][order], found[order]
+        return ids, scores, counts
+
+    def _open_graph(self) -> tuple[np.ndarray, np.ndarray] | None:
+        info = self.manifest.graph
+        if not info:
+            return None
+        ids = np.load(os.path.join(self.version_dir, info["neighbours"]), mmap_mode="r")
+        sims = np.load(os.path.join(self.version_dir, info["similarities"]), mmap_mode="r")
+        if ids.shape != sims.shape or ids.ndim != 2 or ids.shape[0] != self.manifest.items:
+            raise layout.IndexIntegrityError(f"{self.version_dir}: the k-NN graph is {ids.shape} / {sims.shape}, "
+                                             f"not (items={self.manifest.items}, k)")
+        return ids, sims
+
+    def diffuse_lists(self, ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's candidates (global ids, cosines) re-ordered by diffusion over the graph, top ``k``.
+
+        Scores stay the cosines (so a sheet still shows similarities); the order is diffusion's.
+        """
+        if self._graph is None:
+            raise ValueError(f"{self.version_dir} has no k-NN graph, so --diffusion cannot run: rebuild the index "
+                             "with --graph-k K (e.g. 20)")
+        graph_ids, graph_sims = self._graph
+        out_ids = np.full((len(ids), k), -1, np.int64)
+        out_scores = np.full((len(ids), k), -np.inf, np.float32)
+        dopts = rerank.DiffusionOptions(candidates=ids.shape[1])
+        for row in range(len(ids)):
+            keep = ids[row] >= 0
+            cand, cs = ids[row][keep], scores[row][keep]
+            if not len(cand):
+                continue
+            f = rerank.diffuse(cand, cs, graph_ids[cand], graph_sims[cand], dopts)
+            order = rerank.order_by(f, cs)[:k]
+            out_ids[row, : len(order)], out_scores[row, : len(order)] = cand[order], cs[order]
+        return out_ids, out_scores
+
+    def _search_block(self, q: np.ndarray, opts: SearchOptions, excl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One batch through candidate generation, query expansion and diffusion."""
+        first = dataclasses.replace(opts, k=max(opts.k, opts.diffusion_candidates)) if opts.diffusion else opts
+        ids, scores = self._search_once(q, first, excl)
+        if opts.qe > 0:
+            ids, scores = self._search_once(self.expand(q, ids, opts.qe, scores, opts.qe_alpha), first, excl)
+        if opts.diffusion:
+            ids, scores = self.diffuse_lists(ids, scores, opts.k)
+        return ids, scores
 
     def search_batch(self, vectors: np.ndarray, opts: SearchOptions | None = None, **overrides: Any
                      ) -> list[list[Hit]]:
@@ -261,17 +397,13 @@ class Searcher:
         excl = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64).reshape(-1)
         if len(excl) != len(q):
             raise ValueError(f"exclude holds {len(excl)} ids for {len(q)} queries")
-        if len(q) <= opts.batch_size and opts.qe == 0:  # one batch: no copy into output arrays
+        if len(q) <= opts.batch_size and opts.qe == 0 and not opts.diffusion:  # no copy into output arrays
             return self._search_once(normalise_rows(q), opts, excl)
         out_ids = np.full((len(q), opts.k), -1, np.int64)
         out_scores = np.full((len(q), opts.k), -np.inf, np.float32)
         for lo in range(0, len(q), opts.batch_size):
             hi = min(lo + opts.batch_size, len(q))
-            qb = normalise_rows(q[lo:hi])
-            ids, scores = self._search_once(qb, opts, excl[lo:hi])
-            if opts.qe > 0:
-                ids, scores = self._search_once(self.expand(qb, ids, opts.qe, scores, opts.qe_alpha), opts,
-                                                excl[lo:hi])
+            ids, scores = self._search_block(normalise_rows(q[lo:hi]), opts, excl[lo:hi])
             out_ids[lo:hi], out_scores[lo:hi] = ids, scores
         return out_ids, out_scores
 
@@ -290,13 +422,22 @@ class Searcher:
             neighbours = neighbours * w[..., None].astype(np.float32)
         return normalise_rows(np.asarray(queries, np.float32) + neighbours.sum(axis=1))
 
+    def _plan(self, opts: SearchOptions) -> tuple[list[Method], list[int], list[Shard]]:
+        """(methods, candidates per method, non-empty shards) of an options record, worked out once per record."""
+        plan = self._plans.get(opts)
+        if plan is None:
+            methods = [self.methods[n] for n in opts.methods()]
+            union = len(methods) > 1
+            counts = [opts.candidates or m.default_candidates(opts, union) for m in methods]
+            if len(self._plans) >= 512:
+                self._plans.clear()
+            plan = self._plans[opts] = (methods, counts, [s for s in self.shards if s.size])
+        return plan
+
     def _search_once(self, q: np.ndarray, opts: SearchOptions, excl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        names = opts.methods()
-        methods = [self.methods[n] for n in names]
-        union = len(methods) > 1
-        extra = 1 if np.any(excl >= 0) else 0  # the excluded item may take one of the places
-        counts = [(opts.candidates or m.default_candidates(opts, union)) + extra for m in methods]
-        shards = [s for s in self.shards if s.size]
+        methods, counts, shards = self._plan(opts)
+        if np.any(excl >= 0):  # the excluded item may take one of the places
+            counts = [c + 1 for c in counts]
         if not shards:
             return np.full((len(q), opts.k), -1, np.int64), np.full((len(q), opts.k), -np.inf, np.float32)
         parallel = all(m.parallel for m in methods)
@@ -368,13 +509,14 @@ class Searcher:
 
     # -- lookups ----------------------------------------------------------------------------------
 
-    def _hits(self, gids: np.ndarray, scores: np.ndarray) -> list[Hit]:
+    def _hits(self, gids: np.ndarray, scores: np.ndarray, inliers: np.ndarray | None = None) -> list[Hit]:
         keep = gids >= 0
         gids, scores = gids[keep], scores[keep]
+        counts = [None] * len(gids) if inliers is None else [int(c) if c >= 0 else None for c in inliers[keep]]
         shards = np.searchsorted(self.offsets, gids, side="right") - 1
         return [
-            Hit(float(s), int(sh), int(g - self.offsets[sh]))
-            for s, sh, g in zip(scores.tolist(), shards.tolist(), gids.tolist(), strict=True)
+            Hit(float(s), int(sh), int(g - self.offsets[sh]), c)
+            for s, sh, g, c in zip(scores.tolist(), shards.tolist(), gids.tolist(), counts, strict=True)
         ]
 
     def vector(self, shard: int, item: int) -> np.ndarray:
@@ -393,13 +535,16 @@ class Searcher:
 
     def describe(self, hit: Hit, rank: int) -> dict[str, Any]:
         s = self.shards[hit.shard]
-        return {
+        out = {
             "rank": rank,
             "image_id": s.image_ids[hit.id],
             "uri": s.uris[hit.id],
             "label": s.labels[hit.id],
             "score": round(hit.score, 6),
         }
+        if hit.inliers is not None:
+            out["inliers"] = hit.inliers
+        return out
 
     def items(self) -> Iterator[tuple[int, int]]:
         """(shard, id) for every indexed item, in id-map order."""

@@ -81,6 +81,8 @@ def score(vectors: np.ndarray, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
 def merge(ids: np.ndarray, scores: np.ndarray, k: int, exclude: np.ndarray,
           id_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Global top-k of candidates (global ids): best score first, ties by image-id rank; ``exclude`` dropped."""
+    if len(ids) == 1 and ids.shape[1] >= k and _already_ordered(ids[0], scores[0], k, int(exclude[0])):
+        return ids[:, :k], scores[:, :k].astype(np.float32, copy=False)  # one query, one sorted list: the serving path
     drop = (ids < 0) | (ids == exclude[:, None])
     scores = np.where(drop, -np.inf, scores).astype(np.float32)
     ids = np.where(drop, -1, ids)
@@ -95,3 +97,13 @@ def merge(ids: np.ndarray, scores: np.ndarray, k: int, exclude: np.ndarray,
     if top_ids.shape[1] < k:
         top_ids, top_scores = pad(top_ids, k, -1), pad(top_scores, k, -np.inf)
     return top_ids, top_scores
+
+
+def _already_ordered(ids: np.ndarray, scores: np.ndarray, k: int, exclude: int) -> bool:
+    """Whether a single list's first k are already its top k with no tie to break and nothing to drop."""
+    head = scores[: k + 1] if len(scores) > k else scores
+    if (ids[:k] < 0).any() or (exclude >= 0 and (ids == exclude).any()):
+        return False
+    if not (np.diff(head) < 0).all():
+        return False  # a tie (broken by image id) or an unsorted list: the general path
+    return len(scores) <= k + 1 or bool(scores[k - 1] > scores[k + 1:].max())

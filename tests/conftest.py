@@ -21,6 +21,14 @@ def _shared(sub: str, env: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _litert_cache(tmp_path_factory) -> Path:
+    """A fresh LiteRT conversion cache per session: tests see conversions, not a previous run's files."""
+    path = tmp_path_factory.mktemp("litert_cache")
+    os.environ["CBIR_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return _shared("data", "CBIR_DATA_DIR")

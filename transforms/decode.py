@@ -55,52 +55,48 @@ def _decode(record: ImageRecord, size: int, max_pixels: int, reduced: bool) -> t
         return sha, exc
 
 
-class DecodeFn(beam.DoFn):
-    """``ImageRecord`` → ``(ImageMeta, uint8 pixels)``; failures to the tagged output.
+class PooledFn(beam.DoFn):
+    """A DoFn whose per-element work runs in a bounded thread pool, results leaving in input order.
 
-    The metadata rides along as the RunInference key, so features and provenance
-    never need a shuffle to be joined again. ``threads`` 0 means one per core (at most
-    :data:`MAX_DECODE_THREADS`); 1 decodes on the bundle's thread. ``window`` is how many
-    images may be in flight (default four per thread, at least 64 so that a model batch
-    downstream overlaps with decoding the next one).
+    Subclasses define :meth:`work` (pure: runs on a pool thread, never raises, touches no
+    Beam state) and :meth:`emit` (runs on the bundle's thread: counters and outputs).
+    ``threads`` 0 means one per core (at most :data:`MAX_DECODE_THREADS`); 1 works on the
+    bundle's thread. ``window`` is how many elements may be in flight (default four per
+    thread, at least 64).
     """
 
-    def __init__(
-        self, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, reduced_decode: bool = True, threads: int = 0,
-        window: int = 0,
-    ):
-        self._size = size
-        self._max_pixels = max_pixels
-        self._reduced = reduced_decode
+    def __init__(self, threads: int = 0, window: int = 0):
         self._threads = threads
         self._window = window
-        self._ok = Metrics.counter(NAMESPACE, "decoded")
-        self._reduced_count = Metrics.counter(NAMESPACE, "decoded_reduced_scale")
-        self._pixels = Metrics.distribution(NAMESPACE, "source_megapixels_x1000")
+
+    def work(self, record: ImageRecord) -> Any:
+        raise NotImplementedError
+
+    def emit(self, record: ImageRecord, result: Any):
+        raise NotImplementedError
 
     def setup(self) -> None:
         threads = self._threads or default_decode_threads()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cbir-decode") if threads > 1 else None
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="cbir-pool") if threads > 1 else None
         self._limit = self._window or max(64, 4 * threads)
 
     def start_bundle(self) -> None:
         self._pending: collections.deque[tuple[ImageRecord, Future]] = collections.deque()
 
     def process(self, record: ImageRecord):
-        args = (record, self._size, self._max_pixels, self._reduced)
         if self._pool is None:
-            yield from self._emit(record, _decode(*args))
+            yield from self.emit(record, self.work(record))
             return
-        self._pending.append((record, self._pool.submit(_decode, *args)))
+        self._pending.append((record, self._pool.submit(self.work, record)))
         while len(self._pending) > self._limit:
             rec, fut = self._pending.popleft()
-            yield from self._emit(rec, fut.result())
+            yield from self.emit(rec, fut.result())
 
     def finish_bundle(self):
         # Batch pipelines only: everything here is in the global window.
         while self._pending:
             rec, fut = self._pending.popleft()
-            for out in self._emit(rec, fut.result()):
+            for out in self.emit(rec, fut.result()):
                 if isinstance(out, beam.pvalue.TaggedOutput):
                     yield beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, MIN_TIMESTAMP, [GlobalWindow()]))
                 else:
@@ -111,7 +107,31 @@ class DecodeFn(beam.DoFn):
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _emit(self, record: ImageRecord, result: tuple[str, Any]):
+
+class DecodeFn(PooledFn):
+    """``ImageRecord`` → ``(ImageMeta, uint8 pixels)``; failures to the tagged output.
+
+    The metadata rides along as the RunInference key, so features and provenance
+    never need a shuffle to be joined again. The window (see :class:`PooledFn`) lets a
+    model batch downstream overlap with decoding the next images.
+    """
+
+    def __init__(
+        self, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, reduced_decode: bool = True, threads: int = 0,
+        window: int = 0,
+    ):
+        super().__init__(threads, window)
+        self._size = size
+        self._max_pixels = max_pixels
+        self._reduced = reduced_decode
+        self._ok = Metrics.counter(NAMESPACE, "decoded")
+        self._reduced_count = Metrics.counter(NAMESPACE, "decoded_reduced_scale")
+        self._pixels = Metrics.distribution(NAMESPACE, "source_megapixels_x1000")
+
+    def work(self, record: ImageRecord) -> tuple[str, Any]:
+        return _decode(record, self._size, self._max_pixels, self._reduced)
+
+    def emit(self, record: ImageRecord, result: tuple[str, Any]):
         sha, img = result
         if isinstance(img, BaseException):
             count_failure("decode", type(img).__name__)

@@ -21,6 +21,7 @@ def read_features_manifest(features_dir: str) -> FeaturesManifest:
     return read_manifest(path, FeaturesManifest)
 
 
-def feature_files(features_dir: str, manifest: FeaturesManifest | None = None) -> list[str]:
+def feature_files(features_dir: str, manifest: FeaturesManifest | None = None, kind: str = "features") -> list[str]:
+    """Paths of the parts of one kind (``features``, ``failures``, ``local``) the manifest lists."""
     manifest = manifest or read_features_manifest(features_dir)
-    return [fsutil.join(features_dir, f.path) for f in manifest.parts("features")]
+    return [fsutil.join(features_dir, f.path) for f in manifest.parts(kind)]

@@ -175,8 +175,34 @@ class TransformAndKeyFn(beam.DoFn):
                 yield int(shards[part[0]]), ("rows", batch.take(pa.array(part)))
 
 
-def attempt_dir(staging: str, shard: int, attempt: str) -> str:
-    return FileSystems.join(staging, ATTEMPTS, f"shard-{shard:05d}-{attempt}")
+class KeyLocalFn(beam.DoFn):
+    """Local-feature tables (``extract --local-features``) → ``(shard, ("local", RecordBatch))``.
+
+    Keyed by the same hash of ``image_id`` as the feature rows, so each shard's build sees the
+    local features of exactly its own items and writes them in its dense-id order.
+    """
+
+    COLUMNS = ("image_id", "sha256", "points", "descriptors")
+
+    def __init__(self, num_shards: int):
+        self._shards = num_shards
+
+    def process(self, table: pa.Table):
+        ids = _strings(table, "image_id")
+        shards = np.asarray([layout.stable_shard(i, self._shards) for i in ids], dtype=np.int64)
+        batch = table.select(list(self.COLUMNS)).combine_chunks().to_batches()
+        if not batch:
+            return
+        whole = pa.Table.from_batches(batch)
+        order = np.argsort(shards, kind="stable")
+        bounds = np.flatnonzero(np.diff(shards[order])) + 1
+        for part in np.split(order, bounds):
+            if len(part):
+                yield int(shards[part[0]]), ("local", whole.take(pa.array(part)))
+
+
+def attempt_dir(staging: str, shard: int, attempt: str, attempts: str = ATTEMPTS) -> str:
+    return FileSystems.join(staging, attempts, f"shard-{shard:05d}-{attempt}")
 
 
 class BuildShardFn(beam.DoFn):
@@ -189,8 +215,10 @@ class BuildShardFn(beam.DoFn):
     attempts, so a mix would not match its digests).
     """
 
-    def __init__(self, staging: str, dim: int, planes: np.ndarray, offsets: np.ndarray | None, params: ShardParams):
+    def __init__(self, staging: str, dim: int, planes: np.ndarray, offsets: np.ndarray | None, params: ShardParams,
+                 attempts: str = ATTEMPTS):
         self._staging = staging
+        self._attempts = attempts
         self._dim = dim
         self._planes = planes
         self._offsets = offsets
@@ -202,29 +230,34 @@ class BuildShardFn(beam.DoFn):
 
     def process(self, keyed: tuple[int, Any]):
         shard, elements = keyed
-        batches, non_finite = [], 0
+        batches, local, non_finite = [], [], 0
         for element in elements:
             if element is None:  # marks a shard that must exist even if empty
                 continue
             kind, value = element
             if kind == "rows":
                 batches.append(value)
+            elif kind == "local":
+                local.append(value)
             else:  # a row left out before the transform, accounted for here
                 non_finite += value
         table = pa.Table.from_batches(batches, schema=row_schema(self._dim))
         del batches  # the shard's rows are held once (in the table, then in the items), not twice
         items = ShardItems.from_table(table, self._dim)
         del table
-        local = tempfile.mkdtemp(prefix=f"cbir-shard-{shard:05d}-")
+        workdir = tempfile.mkdtemp(prefix=f"cbir-shard-{shard:05d}-")
         try:
-            info = build_shard(items, shard, local, self._planes, self._params, non_finite_skipped=non_finite,
-                               offsets=self._offsets)
-            dest = attempt_dir(self._staging, shard, uuid.uuid4().hex[:12])
-            names = sorted(n for n in os.listdir(local) if n != layout.SHARD_INFO) + [layout.SHARD_INFO]
+            local_rows = pa.concat_tables(local) if local else None
+            del local
+            info = build_shard(items, shard, workdir, self._planes, self._params, non_finite_skipped=non_finite,
+                               offsets=self._offsets, local_rows=local_rows)
+            del local_rows
+            dest = attempt_dir(self._staging, shard, uuid.uuid4().hex[:12], self._attempts)
+            names = sorted(n for n in os.listdir(workdir) if n != layout.SHARD_INFO) + [layout.SHARD_INFO]
             for name in names:  # SHARD.json last: its presence means the attempt is whole
-                _upload(os.path.join(local, name), FileSystems.join(dest, name))
+                _upload(os.path.join(workdir, name), FileSystems.join(dest, name))
         finally:
-            shutil.rmtree(local, ignore_errors=True)
+            shutil.rmtree(workdir, ignore_errors=True)
         self._items.inc(info["items"])
         self._shards.inc()
         self._duplicates.inc(info["duplicates_dropped"])

@@ -37,6 +37,8 @@ def _backbone_inference_fn(
     model: Backbone, batch: Sequence[np.ndarray], inference_args: dict[str, Any], model_id: str | None = None
 ) -> Iterable[PredictionResult]:
     features = model.predict(np.stack(batch, axis=0))
+    # which runtime each worker chose under --runtime auto: the manifest records it from these counters
+    Metrics.counter("cbir_inference", f"batches_runtime_{model.runtime}").inc()
     return [PredictionResult(x, y, model_id) for x, y in zip(batch, features, strict=True)]
 
 

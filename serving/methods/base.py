@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from index_builder.manifests import IndexManifest
+from serving.rerank import FeedbackWeights
 
 LSH_RADIUS = 3  # largest MIH substring radius probed when nearer buckets hold too few candidates
 
@@ -30,6 +31,13 @@ class SearchOptions:
     shard) overrides each method's own default count; ``search_k`` (Annoy), ``ef_search``
     (HNSW) and ``lsh_candidates`` tune one method each, ``-1`` / ``0`` meaning the value the
     index calibrated per shard (or the library's default).
+
+    Re-ranking (``serving.rerank``, ``serving.verify``) runs after candidate generation:
+    ``qe`` / ``qe_alpha`` expand the query with its top results and search again;
+    ``diffusion`` re-orders the top ``diffusion_candidates`` by diffusion over the index's
+    k-NN graph (``cbir index --graph-k``); ``verify`` re-orders the top N by geometric
+    verification inliers (needs local features: ``cbir extract --local-features``);
+    ``feedback`` weighs relevance-feedback marks (Rocchio) when a search is given any.
     """
 
     k: int = 10
@@ -43,6 +51,10 @@ class SearchOptions:
     lsh_candidates: int = 0
     candidates: int = 0
     batch_size: int = 1024
+    diffusion: bool = False
+    diffusion_candidates: int = 100
+    verify: int = 0
+    feedback: FeedbackWeights = FeedbackWeights()
 
     def methods(self) -> tuple[str, ...]:
         names = ("annoy", "lsh") if self.method == "both" else tuple(self.method.split("+"))
@@ -55,6 +67,10 @@ class SearchOptions:
             raise ValueError(f"--qe must not be negative, not {self.qe}")
         if self.qe_alpha < 0:
             raise ValueError(f"--qe-alpha must not be negative, not {self.qe_alpha}")
+        if self.verify < 0:
+            raise ValueError(f"--verify must not be negative, not {self.verify}")
+        if self.diffusion and self.diffusion_candidates < 2:
+            raise ValueError(f"--diffusion-candidates must be at least 2, not {self.diffusion_candidates}")
         names = self.methods()
         if not names:
             raise ValueError("no search method given")

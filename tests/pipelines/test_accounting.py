@@ -38,14 +38,14 @@ def test_extract_that_loses_images_is_refused_and_the_previous_output_stays(tmp_
     lost = sum(_lossy(p.name) for p in (flowers / "1").iterdir())  # ids are relative to the input root
     assert 0 < lost < 80
 
-    real_emit = DecodeFn._emit
+    real_emit = DecodeFn.emit
 
     def dropping_emit(self, record, result):  # a step that loses elements without a word
         if _lossy(record.image_id):
             return iter(())
         return real_emit(self, record, result)
 
-    monkeypatch.setattr(DecodeFn, "_emit", dropping_emit)
+    monkeypatch.setattr(DecodeFn, "emit", dropping_emit)
     capsys.readouterr()
     assert cli.main(argv) == cli.EXIT_REFUSED
     err = capsys.readouterr().err

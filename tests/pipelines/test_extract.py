@@ -31,6 +31,7 @@ def test_schema_and_manifest_follow_design(flowers_features):
     on_disk = json.loads((out / "MANIFEST.json").read_text())
     assert on_disk["counts"] == {"inputs": 720, "read": 720, "ok": 720, "failed": 0}
     assert on_disk["dimension"] == 256 and on_disk["input_size"] == 224
+    assert on_disk["runtime"] == "graph"  # the library default; the CLI's --runtime auto picks per device
     assert on_disk["model"]["weights_sha256"].startswith("dbdb03ee")
     assert on_disk["model_fingerprint"] == manifest.model_fingerprint
     assert set(table.column("label").to_pylist()) == {str(i) for i in range(9)}
