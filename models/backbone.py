@@ -189,6 +189,11 @@ class Backbone:
 
     # -- runtimes -------------------------------------------------------------------------------------
 
+    @property
+    def graph(self) -> Any:
+        """The traced feature function (float32 pixels in [0, 255] → features): what LiteRT and peers convert."""
+        return self._graph
+
     def _tf_runner(self, fn):
         import tensorflow as tf
 
