@@ -40,6 +40,8 @@ COMMAND_MODULES = (
     "pipelines.export_model",
     "pipelines.autoencode",
     "pipelines.inspect",
+    "pipelines.visualise",
+    "pipelines.top_patches",
     "pipelines.serve",
     "pipelines.compare",
 )
