@@ -39,6 +39,8 @@ COMMAND_MODULES = (
     "pipelines.shard_inputs",
     "pipelines.export_model",
     "pipelines.autoencode",
+    "pipelines.train_autoencoder",
+    "pipelines.denoise",
     "pipelines.inspect",
     "pipelines.visualise",
     "pipelines.top_patches",

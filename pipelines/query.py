@@ -46,6 +46,29 @@ def _write_bytes(path: str, data: bytes) -> None:
     fsutil.write_bytes_atomic(path, data)
 
 
+def _clean_before_embedding(embedder: Any, model_dir: str) -> None:
+    """``--denoise DIR``: every query image is cleaned by that denoiser, at its own size exactly as
+    ``cbir denoise`` writes it (PNG), before the embedder decodes and embeds it. Bytes that do not
+    decode are passed on unchanged, so the embedder reports them as it always does."""
+    from models.denoiser import Denoiser, decode_rgb, encode_png
+
+    denoiser = Denoiser.load(model_dir, read=fsutil.read_bytes)
+    embed_bytes = embedder.embed_bytes
+
+    def cleaned(blobs: list[bytes]):
+        out = []
+        for data in blobs:
+            try:
+                rgb = decode_rgb(data)
+            except Exception:  # not an image: the embedder's own decode names the failure
+                out.append(data)
+                continue
+            out.append(encode_png(denoiser.clean(rgb)))
+        return embed_bytes(out)
+
+    embedder.embed_bytes = cleaned
+
+
 def run_query(
     index: str,
     images: list[str],
@@ -60,6 +83,7 @@ def run_query(
     runtime: str = "auto",
     like: tuple[str, ...] = (),
     unlike: tuple[str, ...] = (),
+    denoise: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
     """Returns (result rows, failures, timings); all images go through the model as one batch
     (with ``serving``, as batches of requests to TF Serving).
@@ -79,6 +103,8 @@ def run_query(
         client = make_client(serving.address, serving.protocol, serving.model_name, serving.signature,
                              timeout=serving.timeout)
         embedder = ServingEmbedder(searcher.version_dir, searcher.manifest, client)
+    if denoise:
+        _clean_before_embedding(embedder, denoise)
     t2 = time.perf_counter()
     try:
         vectors, ok_paths, failures = embedder.embed_files(images)
@@ -144,6 +170,8 @@ def register(subparsers: Any) -> None:
                    help="savedmodel:PATH for an index built with a SavedModel backbone (never taken from the index)")
     add_runtime_arg(q)
     add_signing_arg(q)
+    q.add_argument("--denoise", default=None, metavar="DIR",
+                   help="clean query images with this cbir train-autoencoder --noise output before embedding them")
     q.add_argument("--like", nargs="+", default=[], metavar="IMAGE_ID",
                    help="relevance feedback: indexed results marked relevant (the query moves toward them)")
     q.add_argument("--unlike", nargs="+", default=[], metavar="IMAGE_ID",
@@ -172,6 +200,7 @@ def main(args: Any, beam_args: list[str]) -> int:
             args.index, args.images, search_options(args), version=args.version, weights_dir=args.weights_dir,
             sheet=args.sheet, verify=not args.no_verify, serving=serving, signing_key=signing_key(args),
             model=args.model, runtime=args.runtime, like=tuple(args.like), unlike=tuple(args.unlike),
+            denoise=args.denoise,
         )
     except ServingError as exc:
         print(f"cbir query: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ def test_every_command_registers_with_a_handler():
     parser = cli.build_parser()
     commands = parser.parse_args(["query", "--index", "i", "x.jpg"]).subcommands
     assert set(commands) == {"extract", "index", "query", "neighbors", "evaluate", "shard", "export-model",
-                             "autoencode", "projector", "filters", "dream",
+                             "autoencode", "train-autoencoder", "denoise", "projector", "filters", "dream",
                              "explain", "map", "adversarial", "top-patches", "serve", "compare"}
     for name, sub in commands.items():
         defaults = {a.dest: a.default for a in sub._actions}  # noqa: SLF001
