@@ -146,6 +146,37 @@ def hamming_top(query_words: np.ndarray, code_words: np.ndarray, n: int) -> np.n
     return chosen[np.lexsort((chosen, dist[chosen]))].astype(np.int64)
 
 
+class HammingScan:
+    """Hamming top-N over one shard's codes by faiss's binary flat scan: the search path and calibration.
+
+    The numpy scan (:func:`hamming_top`) costs ~48 ms per query at 1M 256-bit codes on one
+    core; faiss's ``IndexBinaryFlat`` ~4 ms (measured, flat in N with the counting
+    selection), which is what puts LSH at hundreds of queries per second at a million
+    items. It holds a copy of the codes (bits/8 bytes per item: 16 MB per million at 128
+    bits). Codes at equal distance at the cut may be chosen differently from
+    :func:`hamming_top` (whose ties go by id); candidates are re-scored exactly either way.
+    """
+
+    def __init__(self, codes: np.ndarray):
+        import faiss
+
+        codes = np.ascontiguousarray(codes, dtype=np.uint8)
+        self.size = int(codes.shape[0])
+        self._index = faiss.IndexBinaryFlat(int(codes.shape[1]) * 8)
+        self._index.use_heap = False  # counting selection: its cost does not grow with N
+        if self.size:
+            self._index.add(codes)
+
+    def top(self, query_codes: np.ndarray, n: int) -> np.ndarray:
+        """(queries, min(n, size)) ids, nearest first; queries of one batch run on faiss's threads."""
+        query_codes = np.ascontiguousarray(np.atleast_2d(query_codes), dtype=np.uint8)
+        n = min(int(n), self.size)
+        if n <= 0:
+            return np.zeros((len(query_codes), 0), np.int64)
+        _, ids = self._index.search(query_codes, n)
+        return ids.astype(np.int64, copy=False)
+
+
 def as_words(codes: np.ndarray) -> np.ndarray:
     """(n, bytes) uint8 → (n, bytes/8) uint64, so popcount runs on 64 bits at a time."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)

@@ -321,14 +321,14 @@ def calibrate_shard(out_dir: str, vectors: np.ndarray, vectors16: np.ndarray, co
                                              params.target_recall, threads=_threads(params)).to_dict("search_k")
         index.unload()
     if codes is not None:
-        words = lsh.as_words(codes)
+        scan = lsh.HammingScan(codes)  # the searcher's own scan, so the chosen count means the same there
         grid = calibration.geometric_grid(2 * k, n, 1.5)
 
         def lsh_search(q, m, candidates):
-            qwords = lsh.as_words(lsh.encode(q, planes, offsets))
+            found = scan.top(lsh.encode(q, planes, offsets), candidates)
             ids = np.full((len(q), m), -1, np.int64)
             for row in range(len(q)):
-                cand = lsh.hamming_top(qwords[row], words, candidates)
+                cand = found[row][found[row] >= 0]
                 scores = np.asarray(vectors16[cand], np.float32) @ q[row]
                 top = cand[np.argsort(-scores, kind="stable")[:m]]
                 ids[row, : len(top)] = top

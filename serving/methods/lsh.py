@@ -1,8 +1,8 @@
 """LSH codes: candidates by a full Hamming scan, always re-scored exactly from the stored vectors.
 
 The codes come from hyperplanes learned in the index fit (``index_builder.lsh``). The
-scan covers every code of a shard (a popcount over 64-bit words), takes the Hamming
-top-N, and the searcher re-ranks those N exactly; N is what calibration chose for the
+scan covers every code of a shard (faiss's binary flat scan, ``lsh.HammingScan``), takes
+the Hamming top-N, and the searcher re-ranks those N exactly; N is what calibration chose for the
 shard (scaled with k). The multi-index-hashing tables stay for exact radius queries
 (``Searcher.near_duplicates``), where they beat a scan.
 """
@@ -38,8 +38,7 @@ class LshMethod(Method):
             np.load(os.path.join(shard_dir, layout.MIH_OFFSETS_FILE), mmap_mode="r"),
             np.load(os.path.join(shard_dir, layout.MIH_IDS_FILE), mmap_mode="r"),
         )
-        return codes, lsh.as_words(codes) if n else np.zeros((0, codes.shape[1] // 8), np.uint64), tables, \
-            self.calibrated(number, "candidates")
+        return codes, lsh.HammingScan(codes), tables, self.calibrated(number, "candidates")
 
     def default_candidates(self, opts: SearchOptions, union: bool) -> int:
         return opts.lsh_candidates or LSH_FACTOR * opts.k
@@ -58,13 +57,11 @@ class LshMethod(Method):
 
     def search(self, handle: Any, shard: Any, q: np.ndarray, n: int, opts: SearchOptions
                ) -> tuple[np.ndarray, np.ndarray | None]:
-        _, words, _, _ = handle
+        _, scan, _, _ = handle
         n = min(self.candidates_for(handle, opts) or n, shard.size)
-        qwords = lsh.as_words(self.encode(q))
         ids = np.full((len(q), n), -1, np.int64)
-        for row in range(len(q)):
-            r = lsh.hamming_top(qwords[row], words, n)
-            ids[row, : len(r)] = r
+        found = scan.top(self.encode(q), n)
+        ids[:, : found.shape[1]] = found
         return ids, None
 
     def within_radius(self, handle: Any, q: np.ndarray, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:

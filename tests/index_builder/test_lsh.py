@@ -229,3 +229,21 @@ def test_hamming_top_is_the_nearest_by_distance_then_id(n, take):
     dist = np.bitwise_count(words ^ q).sum(axis=1)
     expected = np.lexsort((np.arange(n), dist))[:take]
     np.testing.assert_array_equal(lsh.hamming_top(q, words, take), expected)
+
+
+@pytest.mark.parametrize("bits", [64, 128, 256])
+def test_faiss_scan_takes_the_nearest_codes_like_the_numpy_scan(bits):
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 256, (3000, bits // 8), dtype=np.uint8)
+    queries = codes[:5] ^ rng.integers(0, 2, (5, bits // 8), dtype=np.uint8)  # near a few codes, not on them
+    scan = lsh.HammingScan(codes)
+    found = scan.top(queries, 50)
+    assert found.shape == (5, 50)
+    for q, ids in zip(queries, found, strict=True):
+        dist = lsh.hamming_codes(q, codes)
+        reference = lsh.hamming_top(lsh.as_words(q[None, :])[0], lsh.as_words(codes), 50)
+        # the same distances (ties at the cut may pick other ids), nearest first
+        np.testing.assert_array_equal(np.sort(dist[ids]), np.sort(dist[reference]))
+        assert np.all(np.diff(dist[ids]) >= 0)
+    assert scan.top(queries, 10_000).shape == (5, 3000)  # never more than the shard holds
+    assert lsh.HammingScan(codes[:0]).top(queries, 10).shape == (5, 0)
