@@ -85,25 +85,26 @@ def openvino_runner(backbone) -> tuple[object, float]:
     return (lambda pixels: np.asarray(compiled(np.ascontiguousarray(pixels, np.float32))[0])), seconds
 
 
-def bare_runtimes(spec, pixels: np.ndarray, batches: list[int], repeat: int) -> tuple[list[list], dict[str, float]]:
+def bare_runtimes(spec, pixels: np.ndarray, batches: list[int], repeat: int, only: tuple[str, ...]
+                  ) -> tuple[list[list], dict[str, float]]:
     """Rows of the bare table and images/s per runtime at the largest batch."""
     from models import runtimes
     from models.backbone import Backbone
 
     rows, best = [], {}
     probe = pixels[:16]
+    # One instance for every runtime: with random weights (InceptionV3 here) each instance draws its own,
+    # so only runtimes of the same instance can be compared.
     keras = Backbone(dataclasses.replace(spec, runtime="keras"))
     reference = keras.predict(probe)
-    candidates = list(runtimes.RUNTIMES) + ["openvino"]
+    candidates = [r for r in (*runtimes.RUNTIMES, "openvino") if r in only]
     for name in candidates:
         t = time.perf_counter()
         try:
             if name == "openvino":
                 fn, _ = openvino_runner(keras)
             else:
-                backbone = Backbone(dataclasses.replace(spec, runtime=name)) if name != "keras" else keras
-                backbone.resolve_runtime()
-                fn = backbone.predict
+                fn = keras.runner(name)
             diff = float(np.max(np.abs(fn(probe) - reference)))
         except Exception as exc:  # a peer that does not install or convert is reported, not fatal
             rows.append([spec.name, name, "—", "—", "—", f"unavailable: {str(exc).splitlines()[0][:80]}"])
@@ -225,6 +226,24 @@ def pipeline(spec, folder: str, batch: int) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _merge_rows(path: str, models: list[str], *tables: list[list]) -> tuple[list[list], ...]:
+    """Rows of this run for ``models``, the file's rows for every other model; the file is rewritten."""
+    import json
+
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except FileNotFoundError:
+        stored = [[], [], []]
+    merged = []
+    for old, new in zip(stored, tables, strict=True):
+        kept = [r for r in old if r[0] not in models]
+        merged.append(sorted(kept + [[str(c) for c in r] for r in new], key=lambda r: r[0] != "mobilenet_v1_025"))
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=1)
+    return tuple(merged)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mobilenet_v1_025,inception_v3")
@@ -232,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extract-images", default="mobilenet_v1_025=3200,inception_v3=480",
                         help="photos per end-to-end extract, per model")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--runtimes", default="keras,graph,xla,litert,openvino", help="bare runtimes to measure")
+    parser.add_argument("--rows", default=None,
+                        help="JSON file of table rows per model: models not run now keep their rows from it, "
+                             "so one model can be re-measured without re-running the others")
     parser.add_argument("--quick", action="store_true", help="MobileNet only, few photos, prints only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -252,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         rows, decode_ms, pixels = decode_costs(paths[::step][:bare_n], spec.size(), spec, 1 if args.quick else
                                                args.repeat)
         decode_rows += [[name, *r] for r in rows]
-        batches = [1, 16] if args.quick else ([1, 16, 64] if pretrained else [1, 32])
-        rows, best = bare_runtimes(spec, pixels.astype(np.float32), batches, 1 if args.quick else args.repeat)
+        batches = [1, 16] if args.quick else ([1, 8, 16, 64] if pretrained else [1, 8, 32])
+        rows, best = bare_runtimes(spec, pixels.astype(np.float32), batches, 1 if args.quick else args.repeat,
+                                   tuple(args.runtimes.split(",")))
         bare_rows += rows
         batch = 64 if pretrained else 32
         n = 96 if args.quick else int(sizes.get(name, 480))
@@ -278,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(small, ignore_errors=True)
+    if args.rows:
+        bare_rows, decode_rows, e2e_rows = _merge_rows(args.rows, models, bare_rows, decode_rows, e2e_rows)
     for label, rows in (("bare", bare_rows), ("decode", decode_rows), ("end to end", e2e_rows)):
         print(f"\n{label}:")
         for r in rows:

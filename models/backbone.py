@@ -214,7 +214,8 @@ class Backbone:
             raise runtimes.RuntimeUnavailableError(
                 f"--runtime litert runs float32 models; with --precision {self.spec.precision} use --runtime graph")
         runtimes.interpreter_class()  # a missing package fails before a conversion is paid for
-        flat = runtimes.litert_flatbuffer(self._graph, self.spec.fingerprint(), self.size, self.spec.name)
+        flat = runtimes.litert_flatbuffer(self._graph, self.spec.fingerprint(), self.size, self.spec.name,
+                                          cache=self.spec.weights != RANDOM)  # random weights differ per process
         return runtimes.LiteRTRunner(flat, self.size)
 
     def runner(self, name: str):

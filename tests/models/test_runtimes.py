@@ -157,3 +157,25 @@ def test_cli_refuses_an_unavailable_runtime_before_any_work(tmp_path, monkeypatc
     assert code == 2
     assert "ai-edge-litert" in capsys.readouterr().err
     assert not (tmp_path / "out" / "MANIFEST.json").exists()
+
+
+def test_random_weights_are_never_served_from_the_cache(mobilenet_spec, photos):
+    """Each process draws its own random weights: a cached conversion would be another network."""
+    spec = ModelSpec("mobilenet_v1_025", weights="random", runtime="litert")
+    first = Backbone(spec)
+    first.predict(photos[:1])
+    before = runtimes.conversions
+    second = Backbone(spec)
+    got = second.predict(photos[:2])
+    assert runtimes.conversions == before + 1  # converted again, from its own weights
+    reference = second.runner("graph")(photos[:2])
+    assert float(np.max(np.abs(got - reference))) <= runtimes.PARITY_TOLERANCE
+
+
+def test_batches_larger_than_a_chunk_give_the_same_rows(mobilenet_spec, photos):
+    backbone = Backbone(dataclasses.replace(mobilenet_spec, runtime="litert"))
+    whole = backbone.predict(photos)
+    flat = runtimes.litert_flatbuffer(backbone.graph, mobilenet_spec.fingerprint(), backbone.size, "test")
+    chunked = runtimes.LiteRTRunner(flat, backbone.size, chunk=4)(photos)  # 6 photos: a chunk of 4, then 2
+    assert chunked.shape == whole.shape
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
