@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorflow as tf
 
-    from models import export
+    from models import export, graph_decode
     from models.backbone import Backbone, ModelSpec
     from models.imaging import decode_and_resize
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                                   - backbone.predict(sample)).max())
 
     def variant(reduced: bool, antialias: bool) -> np.ndarray:
-        fn = tf.function(lambda b: export.decode_batch(b, size, reduced_decode=reduced, antialias=antialias),
+        fn = tf.function(lambda b: graph_decode.decode_batch(b, size, reduced_decode=reduced, antialias=antialias),
                          autograph=False)
         return _batched(lambda b: backbone.predict(fn(tf.constant(b)).numpy()), blobs, args.batch_size)
 

@@ -26,6 +26,7 @@ import tensorflow as tf
 from PIL import Image
 
 from models import export
+from models import graph_decode as in_graph
 from models.backbone import Backbone, ModelSpec
 from models.imaging import decode_and_resize
 from pipelines import cli
@@ -234,7 +235,7 @@ def test_extract_through_the_exported_pixels_signature(exported, flowers, flower
 
 @pytest.fixture(scope="module")
 def graph_decode():
-    return tf.function(lambda data: export.decode_image(data, 224),
+    return tf.function(lambda data: in_graph.decode_image(data, 224),
                        input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
 
 
@@ -296,7 +297,7 @@ def test_in_graph_decode_matches_pillow_within_one_grey_level(graph_decode, flow
 
 def test_exif_orientation_reader_survives_garbage():
     readings = [
-        export.exif_orientation(tf.constant(data)).numpy()
+        in_graph.exif_orientation(tf.constant(data)).numpy()
         for data in (b"", b"\xff\xd8", b"\xff\xd8\xff\xe1\x00\x08Exif\x00\x00", b"\xff\xd8" + b"\xff\xe1\xff\xff" * 50,
                      b"\x89PNG\r\n\x1a\neXIfMM\x00*\xff\xff\xff\xff", os.urandom(4096))
     ]
@@ -322,7 +323,7 @@ def test_bad_bytes_fail_with_a_reason(graph_decode, flowers):
             graph_decode(tf.constant(data))
     # the JPEG limit is checked on the header, before decoding
     with pytest.raises(tf.errors.InvalidArgumentError, match="ImageTooLargeError"):
-        export.decode_image(tf.constant(photo), 224, max_pixels=1000)
+        in_graph.decode_image(tf.constant(photo), 224, max_pixels=1000)
 
 
 def test_one_bad_image_fails_the_request(exported, photos):
