@@ -247,8 +247,9 @@ def _merge_rows(path: str, models: list[str], *tables: list[list]) -> tuple[list
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="mobilenet_v1_025,inception_v3")
-    parser.add_argument("--bare-images", type=int, default=256, help="decoded photos per bare pass")
-    parser.add_argument("--extract-images", default="mobilenet_v1_025=3200,inception_v3=480",
+    parser.add_argument("--bare-images", default="mobilenet_v1_025=256,inception_v3=64",
+                        help="decoded photos per bare pass, per model")
+    parser.add_argument("--extract-images", default="mobilenet_v1_025=3200,inception_v3=320",
                         help="photos per end-to-end extract, per model")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--runtimes", default="keras,graph,xla,litert,openvino", help="bare runtimes to measure")
@@ -265,12 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     models = ["mobilenet_v1_025"] if args.quick else args.models.split(",")
     sizes = dict(x.split("=") for x in args.extract_images.split(","))
     paths = dev_photos()
-    print(f"setup: {machine()}\n       {len(paths)} dev photos; bare passes over {args.bare_images} decoded photos")
+    print(f"setup: {machine()}\n       {len(paths)} dev photos; bare passes over {args.bare_images} decoded photos; "
+          f"extracts of {args.extract_images} photos")
     bare_rows, decode_rows, e2e_rows = [], [], []
     for name in models:
         pretrained = name == "mobilenet_v1_025"
         spec = ModelSpec(name, weights=None if pretrained else "random")
-        bare_n = 32 if args.quick else args.bare_images
+        bare_n = 32 if args.quick else int(dict(x.split("=") for x in args.bare_images.split(",")).get(name, 64))
         step = max(1, len(paths) // bare_n)
         rows, decode_ms, pixels = decode_costs(paths[::step][:bare_n], spec.size(), spec, 1 if args.quick else
                                                args.repeat)
