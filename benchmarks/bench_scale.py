@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             nm = _manifest(nb / "MANIFEST.json")
             if nm["counts"]["rows"] != im["items"]:
                 problems.append(f"neighbours: {nm['counts']['rows']} rows for {im['items']} items")
-            rows.append(["neighbors (k=10, Annoy + exact re-rank)", f"{r['wall']:.0f}",
+            rows.append(["neighbors (k=10, --method auto: HNSW, exact re-rank)", f"{r['wall']:.0f}",
                          f"{nm['counts']['rows'] / r['wall']:.0f} items/s", f"{r['peak_mb']:.0f}",
                          f"rows {nm['counts']['rows']:,}"])
 

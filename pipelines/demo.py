@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default="out/demo")
     parser.add_argument("--model", default="mobilenet_v1_025")
     parser.add_argument("--weights-dir", default=None)
+    parser.add_argument("--runtime", choices=("auto", "keras", "graph", "xla", "litert"), default="auto",
+                        help="how the backbone runs, as cbir extract --runtime (default auto)")
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--dims", type=int, default=64)
     parser.add_argument("--queries", type=int, default=4)
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     fm = extract.run(
         extract.ExtractConfig(
             input=corpus, output=os.path.join(out, "features"),
-            model=ModelSpec(args.model, weights_dir=args.weights_dir), batching=BatchingOptions(),
+            model=ModelSpec(args.model, weights_dir=args.weights_dir, runtime=args.runtime),
+            batching=BatchingOptions(),
         ),
         beam_args,
     )
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     sheet = os.path.join(out, "contact_sheet.png")
     rows, failures, timings = run_query(os.path.join(out, "index"), queries, SearchOptions(k=5, rerank=True),
-                                        weights_dir=args.weights_dir, sheet=sheet)
+                                        weights_dir=args.weights_dir, sheet=sheet, runtime=args.runtime)
     stages["query"] = time.time() - t
     print(format_table(rows))
     print()

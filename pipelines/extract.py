@@ -373,7 +373,8 @@ def main(args: Any, beam_args: list[str]) -> int:
 def print_summary(m: FeaturesManifest) -> None:
     c = m.counts
     print(f"extract: read {c.read}, ok {c.ok}, failed {c.failed} in {m.elapsed_seconds:.1f}s "
-          f"({m.images_per_second or 0:.1f} images/s), model {m.model.get('preset')} {m.dimension}-d")
+          f"({m.images_per_second or 0:.1f} images/s), model {m.model.get('preset')} {m.dimension}-d"
+          + (f" on {m.runtime}" if m.runtime else ""))
     if m.accounting is not None:
         print(f"  inputs {m.accounting.inputs} ({m.accounting.source}, {m.accounting.units} units): every one is a "
               "feature or a failure row")
