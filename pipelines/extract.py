@@ -27,7 +27,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from index_builder.manifests import Accounting, ExtractCounts, FeaturesManifest, new_run_id, utc_now
+from index_builder.manifests import ExtractCounts, FeaturesManifest, new_run_id, utc_now
 from models.backbone import ModelSpec
 from models.imaging import DEFAULT_MAX_PIXELS
 from pipelines.runner import pipeline_options
@@ -39,6 +39,7 @@ from transforms.inference import BatchingOptions, ExtractFeatures
 from transforms.local_features import LocalFeaturesFn, WriteLocalParquet
 from transforms.progress import LogProgressFn
 from transforms.readers import InputSpec, ListedFile, ReadImages, write_listing
+from transforms.readers.accounting import TALLIES_DIR, count_inputs
 from transforms.records import FAILURES_TAG
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 KINDS = ("features", "failures")
 LOCAL_KIND = "local"  # --local-features: <out>/local/part-*.parquet
 ALL_KINDS = (*KINDS, LOCAL_KIND)
-TALLIES_DIR = "_tallies"
 
 
 class TooManyFailuresError(RuntimeError):
@@ -181,31 +181,6 @@ def _reusable_files(cfg: ExtractConfig) -> list[str]:
         return []
     log.info("reusing features of %s (%d rows) for unchanged images", cfg.previous, previous.counts.ok)
     return feature_files(cfg.previous, previous)
-
-
-def count_inputs(spec: InputSpec, listed: list[ListedFile], staging: str) -> tuple[int, Accounting]:
-    """How many inputs the run was given, known independently of what the runner delivered.
-
-    Folders: the launcher's listing. Shards: each listed shard's tally; a shard with no
-    tally (or two) refuses the run, since its records cannot be counted.
-    """
-    if not spec.is_shards:
-        return len(listed), Accounting("listing", len(listed), len(listed))
-    tallies: dict[str, list[int]] = {}
-    for path in fsutil.match(fsutil.join(staging, TALLIES_DIR, "part-*")):
-        for line in fsutil.read_bytes(path).decode("utf-8").splitlines():
-            if line.strip():
-                t = json.loads(line)
-                tallies.setdefault(t["unit"], []).append(int(t["entries"]))
-    missing = [f.path for f in listed if len(tallies.get(f.path, [])) != 1]
-    if missing:
-        raise publish.PublishRefusedError(
-            "extract", {"shards listed": len(listed), "shards with one tally": len(listed) - len(missing)},
-            f"no single tally for {len(missing)} shard(s), e.g. {missing[:3]}",
-        )
-    total = sum(tallies[f.path][0] for f in listed)
-    source = "parquet footers" if spec.format == "parquet" else "tallies"
-    return total, Accounting(source, len(listed), total)
 
 
 def publish_run(

@@ -43,7 +43,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from index_builder.manifests import Accounting, FileDigest, new_run_id, utc_now
+from index_builder.manifests import FileDigest, new_run_id, utc_now
 from models import pixel_autoencoder as pa
 from models.autoencoder_pictures import loss_curve_png, reconstruction_sheet_png
 from models.imaging import DEFAULT_MAX_PIXELS, RESIZE_METHOD
@@ -67,12 +67,12 @@ from transforms.pixel_shards import (
     validation_shards,
 )
 from transforms.readers import InputSpec, ListedFile, ReadImages, write_listing
+from transforms.readers.accounting import TALLIES_DIR, count_inputs
 from transforms.records import FAILURES_TAG
 
 log = logging.getLogger(__name__)
 
 PIXELS_DIR = "pixels"
-TALLIES_DIR = "_tallies"
 MODEL_FOLDERS = ("encoder", "autoencoder", pa.WEIGHTS_DIR)
 LOSS_PNG = "loss.png"
 SHEET_PNG = "reconstructions.png"
@@ -112,25 +112,6 @@ def build(p: beam.Pipeline, cfg: TrainAutoencoderConfig, spec: InputSpec, listin
             | "WriteTallies" >> beam.io.WriteToText(fsutil.join(staging, TALLIES_DIR, "part"),
                                                     file_name_suffix=".jsonl")
         )
-
-
-def _count_inputs(spec: InputSpec, listed: list[ListedFile], staging: str) -> tuple[int, Accounting]:
-    """Folders: the listing. Shard formats: one tally per listed shard (none, or two, refuses the run)."""
-    if not spec.is_shards:
-        return len(listed), Accounting("listing", len(listed), len(listed))
-    tallies: dict[str, list[int]] = {}
-    for path in fsutil.match(fsutil.join(staging, TALLIES_DIR, "part-*")):
-        for line in fsutil.read_bytes(path).decode("utf-8").splitlines():
-            if line.strip():
-                t = json.loads(line)
-                tallies.setdefault(t["unit"], []).append(int(t["entries"]))
-    missing = [f.path for f in listed if len(tallies.get(f.path, [])) != 1]
-    if missing:
-        raise publish.PublishRefusedError(
-            "train-autoencoder", {"shards listed": len(listed), "shards with one tally": len(listed) - len(missing)},
-            f"no single tally for {len(missing)} shard(s), e.g. {missing[:3]}")
-    total = sum(tallies[f.path][0] for f in listed)
-    return total, Accounting("parquet footers" if spec.format == "parquet" else "tallies", len(listed), total)
 
 
 def _failure_reasons(parts: list[str]) -> dict[str, int]:
@@ -244,7 +225,7 @@ def _check(spec: InputSpec, listed: list[ListedFile], staging: str, run_id: str,
     per_file = {path: count_records(path) for path in shard_files}
     examples = sum(per_file.values())
     metrics = job_metrics.collect(result, ("cbir",), distributions=False)
-    inputs, accounting = _count_inputs(spec, listed, staging)
+    inputs, accounting = count_inputs(spec, listed, staging, "train-autoencoder")
     accounting.checked = {"inputs": inputs, "read (counter)": metrics.get("read"),
                           "records in pixel shards + failure rows": examples + failed}
     publish.check_counts("train-autoencoder", accounting.checked)

@@ -1,0 +1,43 @@
+"""How many inputs a job was given, known independently of what the runner delivered.
+
+Every job that reads images through :class:`transforms.readers.ReadImages` (extract,
+train-autoencoder) writes the readers' per-shard tallies under
+``<staging>/_tallies/`` and counts its inputs here before it publishes: a runner that drops
+elements then cannot make a short run look complete (issue 10).
+"""
+
+from __future__ import annotations
+
+import json
+
+from index_builder.manifests import Accounting
+from transforms import fsutil, publish
+from transforms.readers.spec import InputSpec, ListedFile
+
+TALLIES_DIR = "_tallies"
+
+
+def count_inputs(spec: InputSpec, listed: list[ListedFile], staging: str, job: str = "extract"
+                 ) -> tuple[int, Accounting]:
+    """How many inputs the run was given, known independently of what the runner delivered.
+
+    Folders: the launcher's listing. Shards: each listed shard's tally; a shard with no
+    tally (or two) refuses the run, since its records cannot be counted.
+    """
+    if not spec.is_shards:
+        return len(listed), Accounting("listing", len(listed), len(listed))
+    tallies: dict[str, list[int]] = {}
+    for path in fsutil.match(fsutil.join(staging, TALLIES_DIR, "part-*")):
+        for line in fsutil.read_bytes(path).decode("utf-8").splitlines():
+            if line.strip():
+                t = json.loads(line)
+                tallies.setdefault(t["unit"], []).append(int(t["entries"]))
+    missing = [f.path for f in listed if len(tallies.get(f.path, [])) != 1]
+    if missing:
+        raise publish.PublishRefusedError(
+            job, {"shards listed": len(listed), "shards with one tally": len(listed) - len(missing)},
+            f"no single tally for {len(missing)} shard(s), e.g. {missing[:3]}",
+        )
+    total = sum(tallies[f.path][0] for f in listed)
+    source = "parquet footers" if spec.format == "parquet" else "tallies"
+    return total, Accounting(source, len(listed), total)
