@@ -55,6 +55,32 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def float_above(low: float) -> Callable[[str], float]:
+    """A number strictly above ``low`` (e.g. a scale factor between octaves: above 1)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+        if value <= low:
+            raise argparse.ArgumentTypeError(f"must be above {low:g}, not {value}")
+        return value
+
+    parse.__name__ = f"number > {low:g}"
+    return parse
+
+
+def non_negative_int_list(text: str) -> tuple[int, ...]:
+    """Whole numbers ≥ 0 separated by commas, e.g. L∞ budgets ``0,1,2,4,8``."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers such as 0,1,2,4,8, not {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected whole numbers ≥ 0, not {text!r}")
+    return values
+
+
 def method_name(text: str) -> str:
     """A search method, ``both``, or method names joined by ``+`` (the union of their candidates)."""
     names = ["annoy", "lsh"] if text == "both" else text.split("+")

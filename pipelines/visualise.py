@@ -55,26 +55,6 @@ def write_outputs(output: str, image: Any, figures: dict[str, Any]) -> str:
     return path
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected whole numbers such as 0,1,2,4,8, not {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected whole numbers ≥ 0, not {text!r}")
-    return values
-
-
-def _scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
-    if value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be above 1, not {value}")
-    return value
-
-
 def _index_args(p: argparse.ArgumentParser) -> None:
     from pipelines.options import add_signing_arg
 
@@ -206,7 +186,13 @@ def _adversarial(args: argparse.Namespace, _beam_args) -> int:
 
 
 def register(sub) -> None:
-    from pipelines.options import add_model_args, non_negative_int, positive_int
+    from pipelines.options import (
+        add_model_args,
+        float_above,
+        non_negative_int,
+        non_negative_int_list,
+        positive_int,
+    )
 
     d = sub.add_parser(
         "dream", help="DeepDream: amplify what a layer sees in an image",
@@ -216,7 +202,7 @@ def register(sub) -> None:
     add_model_args(d, "mobilenet_v1_025")
     d.add_argument("--layer", required=True, help="Keras layer name(s) of the backbone, comma-separated")
     d.add_argument("--octaves", type=positive_int, default=4)
-    d.add_argument("--octave-scale", type=_scale, default=1.4)
+    d.add_argument("--octave-scale", type=float_above(1.0), default=1.4)
     d.add_argument("--steps", type=positive_int, default=10, help="steps per octave")
     d.add_argument("--step", type=float, default=1.5, help="grey levels per step (normalised gradient)")
     d.add_argument("--tile", type=positive_int, default=256, help="gradient tile side in pixels")
@@ -263,12 +249,13 @@ def register(sub) -> None:
                     "steps) take about a minute with MobileNet v1 0.25 on two CPU cores; InceptionV3 about ten.")
     _index_args(a)
     a.add_argument("--attack", default="fgsm,pgd", help="fgsm, pgd, or both comma-separated (default both)")
-    a.add_argument("--eps", type=_int_list, default=(0, 1, 2, 4, 8), help="L∞ budgets in grey levels of 0-255")
+    a.add_argument("--eps", type=non_negative_int_list, default=(0, 1, 2, 4, 8),
+                   help="L∞ budgets in grey levels of 0-255")
     a.add_argument("--target", default="random",
                    help="targeted attacks towards a random item of another label (random), one IMAGE_ID, or none")
     a.add_argument("--sample", type=positive_int, default=20, help="indexed photos attacked (default 20)")
     a.add_argument("--steps", type=positive_int, default=10, help="PGD steps")
-    a.add_argument("--jpeg", type=_int_list, default=(95, 75), help="JPEG qualities a client sends")
+    a.add_argument("--jpeg", type=non_negative_int_list, default=(95, 75), help="JPEG qualities a client sends")
     a.add_argument("--pictures", type=non_negative_int, default=1, help="pictures per attack and goal")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--json", action="store_true", help="print the report as JSON")

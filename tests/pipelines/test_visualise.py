@@ -8,7 +8,8 @@ import json
 import pytest
 from PIL import Image
 
-from pipelines.visualise import _int_list, _scale, figures_path, write_outputs
+from pipelines.options import float_above, non_negative_int_list
+from pipelines.visualise import figures_path, write_outputs
 
 
 def test_picture_and_figures_are_written_side_by_side(tmp_path):
@@ -23,10 +24,10 @@ def test_picture_and_figures_are_written_side_by_side(tmp_path):
 
 
 def test_option_types_refuse_what_makes_no_sense():
-    assert _int_list("0,1, 2,8") == (0, 1, 2, 8)
+    assert non_negative_int_list("0,1, 2,8") == (0, 1, 2, 8)
     for bad in ("", "1,-2", "1.5", "a"):
         with pytest.raises(argparse.ArgumentTypeError):
-            _int_list(bad)
-    assert _scale("1.4") == 1.4
+            non_negative_int_list(bad)
+    assert float_above(1.0)("1.4") == 1.4
     with pytest.raises(argparse.ArgumentTypeError, match="above 1"):
-        _scale("1")
+        float_above(1.0)("1")
