@@ -20,8 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 ONE_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def run_cbir(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None) -> dict:
-    """``{"wall": s, "peak_mb": MB, "code": exit code, "tail": last log lines}`` of ``cbir ARGV``."""
+def run_cbir(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None,
+             cwd: Path | None = None) -> dict:
+    """``{"wall": s, "peak_mb": MB, "code": exit code, "tail": last log lines}`` of ``cbir ARGV``.
+
+    ``cwd`` runs another checkout's ``cbir`` (a baseline revision) with this interpreter.
+    """
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     # A benchmark may pin its own searches to one thread; the jobs it runs get the whole machine.
@@ -33,7 +37,7 @@ def run_cbir(name: str, argv: list[str], log_dir: Path, env: dict[str, str] | No
         command = ["/usr/bin/time", "-f", "%M", "-o", str(peak_file), *command]
     started = time.perf_counter()
     with log_path.open("w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd or REPO,
                                 env={**child_env, "PYTHONUNBUFFERED": "1", **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - started

@@ -26,6 +26,7 @@ import argparse
 import math
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from benchmarks._proc import run_cbir  # noqa: E402
+from benchmarks._proc import REPO, run_cbir  # noqa: E402
 from benchmarks._results import machine, md_table, update_section  # noqa: E402
 from benchmarks.synthetic import SyntheticModel, synthetic_dataset  # noqa: E402
 
@@ -215,6 +216,26 @@ def _calibration_cells(manifest) -> dict[str, str]:
     return cells
 
 
+def _baseline_build(rev: str, features: Path, out: Path, shards: int, work: Path) -> dict[str, Any] | None:
+    """``cbir index`` of the revision before this search layer, as the issue measured it (Annoy + LSH,
+    ``shards`` shards), on the same features in the same run: what the machine makes of the old
+    build, so the new one's wall time and memory are compared here, not against another machine."""
+    tree = work / "baseline-tree"
+    made = subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=REPO, capture_output=True,
+                          text=True)
+    if made.returncode:
+        print(f"  baseline {rev}: no worktree ({made.stderr.strip()[:200]}), skipped", flush=True)
+        return None
+    try:
+        r = run_cbir("index-baseline", ["index", "--features", str(features), "--output", str(out), "--shards",
+                                        str(shards)], work / "logs", cwd=tree)
+        return {**r, "rev": subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, capture_output=True,
+                                           text=True).stdout.strip(), "shards": shards} if r["code"] == 0 else None
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100000,1000000")
@@ -225,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hnsw-m", type=int, default=None)
     parser.add_argument("--hnsw-ef-construction", type=int, default=None)
     parser.add_argument("--no-neighbors", action="store_true")
+    parser.add_argument("--baseline-rev", default="18d8151^",
+                        help="revision whose `cbir index` (Annoy + LSH, 8 shards) is the same-run baseline at the "
+                             "largest size; '' skips it")
     parser.add_argument("--quick", action="store_true", help="20k vectors, no neighbours job, no RESULTS.md")
     args = parser.parse_args(argv)
     from index_builder import hnsw
@@ -261,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"index of {n} vectors failed: {build['tail']}")
         res = _measure(str(out), ds.queries, f"{n:,}", m, ef_c, base_for_peer=True)
         res["build"] = build
+        if n == max(sizes) and args.baseline_rev and not args.quick:
+            res["baseline"] = _baseline_build(args.baseline_rev, feat, work / f"index-baseline-{n}", 8, work)
         if n == max(sizes) and not (args.quick or args.no_neighbors):
             nb = work / f"neighbors-{n}"
             job = run_cbir(f"neighbors-{n}", ["neighbors", "--index", str(out), "--output", str(nb), "-k", str(K),
@@ -317,6 +343,15 @@ def _report(dev: dict[str, Any], results: list[dict[str, Any]], m: int, ef_c: in
         cal_table,
     ]
     big = results[-1] if results else None
+    if big and big.get("baseline"):
+        base = big["baseline"]
+        parts.append(
+            f"Same-run baseline: `cbir index` of revision {base['rev']} (before this search layer: Annoy + LSH, no "
+            f"HNSW, no calibration) at {big['items']:,} items in {base['shards']} shards, as the issue measured it "
+            f"(210 s, 7.8 GB on its machine): {base['wall']:.0f} s, peak {base['peak_mb']:,.0f} MB here. This "
+            f"build, all three types in {big['shards']} shard(s) and calibrated: {big['build']['wall']:.0f} s "
+            f"({big['build']['wall'] / base['wall']:.2f}× the baseline's time), peak "
+            f"{big['build']['peak_mb']:,.0f} MB ({big['build']['peak_mb'] / base['peak_mb']:.2f}×).")
     if big and big.get("neighbors"):
         nb = big["neighbors"]
         parts.append(f"`cbir neighbors --method hnsw -k 10` over the {big['items']:,}-item index: {nb['wall']:.0f} s "

@@ -491,13 +491,17 @@ class Searcher:
             ids = topk.union_rows(*(f[0] for f in found))
         return ids, topk.score(shard.vectors, q, ids)
 
-    def near_duplicates(self, vectors: np.ndarray, max_hamming: int = 8) -> list[list[tuple[int, int]]]:
+    def near_duplicates(self, vectors: np.ndarray, max_hamming: int | None = None) -> list[list[tuple[int, int]]]:
         """Per query vector, every indexed item whose LSH code lies within ``max_hamming`` bits:
         (global id, distance), nearest first. Exact over the codes, through the multi-index
-        hashing tables, so its cost does not grow with the corpus the way a scan does."""
+        hashing tables, so its cost does not grow with the corpus the way a scan does. The
+        default radius is a sixteenth of the code length (8 bits of 128, 16 of 256), so it means
+        the same angle whatever ``--lsh-bits`` the index was built with."""
         method = self.methods.get("lsh")
         if method is None:
             raise ValueError(f"{self.version_dir} has no LSH codes: build it with --index-types including lsh")
+        if max_hamming is None:
+            max_hamming = int(method.planes.shape[1]) // 16
         q = normalise_rows(np.asarray(vectors, np.float32).reshape(-1, self.dim))
         out: list[list[tuple[int, int]]] = [[] for _ in range(len(q))]
         for s in self.shards:

@@ -11,6 +11,18 @@ import numpy as np
 EXACT_BLOCK = 32768  # stored vectors converted to float32 at a time by exact search
 SCORE_ELEMENTS = 1 << 22  # float32 elements gathered at a time when re-scoring candidates
 
+# Every float16 bit pattern's float32 value. numpy converts float16 one element at a time
+# (0.86 ms for the 1,000 candidates × 256 dims of an LSH query here); a lookup in this
+# 256 KB table gives the same values bit for bit in 0.37 ms (benchmarks/RESULTS.md, bench_index).
+_F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def as_float32(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32: float16 (the stored vectors) through the lookup table, anything else by numpy."""
+    if a.dtype == np.float16:
+        return _F16_TO_F32.take(np.asarray(a).view(np.uint16))
+    return np.asarray(a, dtype=np.float32)
+
 
 def normalise_rows(v: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (zero rows stay zero)."""
@@ -43,7 +55,7 @@ def exact_top(vectors: np.ndarray, q: np.ndarray, n: int) -> np.ndarray:
     best_ids = np.zeros((len(q), 0), np.int64)
     best = np.zeros((len(q), 0), np.float32)
     for start in range(0, vectors.shape[0], EXACT_BLOCK):
-        block = np.asarray(vectors[start:start + EXACT_BLOCK], dtype=np.float32)
+        block = as_float32(vectors[start:start + EXACT_BLOCK])
         sims = q @ block.T
         if sims.shape[1] > n:
             part = np.argpartition(-sims, n - 1, axis=1)[:, :n]
@@ -72,7 +84,7 @@ def score(vectors: np.ndarray, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
     rows = max(1, SCORE_ELEMENTS // max(1, ids.shape[1] * q.shape[1]))
     for lo in range(0, len(ids), rows):
         sub = ids[lo:lo + rows]
-        cand = np.asarray(vectors[np.maximum(sub, 0)], dtype=np.float32)  # (b, m, d)
+        cand = as_float32(vectors[np.maximum(sub, 0)])  # (b, m, d)
         s = np.einsum("bmd,bd->bm", cand, q[lo:lo + rows])
         out[lo:lo + rows] = np.where(sub >= 0, s, -np.inf)
     return out

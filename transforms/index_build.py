@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from index_builder import layout
-from index_builder.shard import ShardItems, ShardParams, build_shard, row_schema
+from index_builder.shard import VECTOR_DTYPE, ShardItems, ShardParams, build_shard, row_schema
 from index_builder.transform import VectorTransform
 from transforms import features_io
 
@@ -164,7 +164,7 @@ class TransformAndKeyFn(beam.DoFn):
         taken = table.take(pa.array(keep))
         batch = pa.RecordBatch.from_arrays(
             [_string_column(taken, c) for c in STRING_COLUMNS]
-            + [pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1), pa.float32()), dim)],
+            + [pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1).astype(VECTOR_DTYPE)), dim)],
             schema=row_schema(dim),
         )
         shards = shard_of[keep]
@@ -230,25 +230,29 @@ class BuildShardFn(beam.DoFn):
 
     def process(self, keyed: tuple[int, Any]):
         shard, elements = keyed
-        batches, local, non_finite = [], [], 0
-        for element in elements:
-            if element is None:  # marks a shard that must exist even if empty
-                continue
-            kind, value = element
-            if kind == "rows":
-                batches.append(value)
-            elif kind == "local":
-                local.append(value)
-            else:  # a row left out before the transform, accounted for here
-                non_finite += value
-        table = pa.Table.from_batches(batches, schema=row_schema(self._dim))
-        del batches  # the shard's rows are held once (in the table, then in the items), not twice
-        items = ShardItems.from_table(table, self._dim)
-        del table
+        local: list[pa.Table] = []
+        non_finite = 0
+
+        def row_batches():
+            # One pass over the grouped values: a streaming runner pages them in, so the rows are
+            # never all held twice (ShardItems.from_batches copies each batch's vectors once).
+            nonlocal non_finite
+            for element in elements:
+                if element is None:  # marks a shard that must exist even if empty
+                    continue
+                kind, value = element
+                if kind == "rows":
+                    yield value
+                elif kind == "local":
+                    local.append(value)
+                else:  # a row left out before the transform, accounted for here
+                    non_finite += value
+
+        items = ShardItems.from_batches(row_batches(), self._dim)
         workdir = tempfile.mkdtemp(prefix=f"cbir-shard-{shard:05d}-")
         try:
             local_rows = pa.concat_tables(local) if local else None
-            del local
+            local.clear()
             info = build_shard(items, shard, workdir, self._planes, self._params, non_finite_skipped=non_finite,
                                offsets=self._offsets, local_rows=local_rows)
             del local_rows

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import zlib
 
+import pyarrow as pa
 import pytest
 
 from index_builder import layout
@@ -78,13 +79,13 @@ def test_index_build_that_loses_items_is_refused(flowers_features, tmp_path, mon
     cfg = index.IndexConfig(features=str(flowers_features[0]), output=str(out), shards=2, dims=16, trees=5)
     first = index.run(cfg)
     before = _snapshot(out)
-    real = ShardItems.from_table.__func__
+    real = ShardItems.from_batches.__func__
 
-    def dropping(cls, table, dim):  # a shard build that loses items without a word
-        keep = [not _lossy(i) for i in table.column("image_id").to_pylist()]
-        return real(cls, table.filter(keep), dim)
+    def dropping(cls, batches, dim):  # a shard build that loses items without a word
+        kept = (b.filter(pa.array([not _lossy(i) for i in b.column("image_id").to_pylist()])) for b in batches)
+        return real(cls, kept, dim)
 
-    monkeypatch.setattr(ShardItems, "from_table", classmethod(dropping))
+    monkeypatch.setattr(ShardItems, "from_batches", classmethod(dropping))
     with pytest.raises(publish.PublishRefusedError) as info:
         index.run(cfg)
     counts = info.value.counts

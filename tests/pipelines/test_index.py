@@ -92,13 +92,40 @@ def test_dense_ids_do_not_depend_on_arrival_order():
     assert a.labels == b.labels and a.sha256 == b.sha256
 
 
+def test_shard_items_from_sliced_and_shuffled_batches_equal_the_table_path():
+    """A runner hands a shard over as many small batches, some of them slices of a larger one
+    (a slice's list values start at its offset): streaming them in gives the same items."""
+    rows = _rows(40)
+    whole = ShardItems.from_rows(rows, 8)
+    table = pa.Table.from_batches([_batch_of(rows)]).combine_chunks()
+    batch = table.to_batches()[0]
+    pieces = [batch.slice(30, 10), batch.slice(0, 7), batch.slice(7, 0), batch.slice(7, 23)]
+    assert pieces[0].column("vector").offset == 30
+    streamed = ShardItems.from_batches(iter(pieces), 8)
+    assert streamed.image_ids == whole.image_ids and streamed.sha256 == whole.sha256
+    np.testing.assert_array_equal(streamed.vectors, whole.vectors)
+    assert ShardItems.from_batches(iter([]), 8).size == 0
+
+
+def _batch_of(rows):  # the rows as the index job's RecordBatch
+    from index_builder.shard import row_schema
+
+    dim = len(rows[0]["feature"])
+    return pa.RecordBatch.from_arrays([
+        pa.array([r["image_id"] for r in rows]), pa.array([r["uri"] for r in rows]),
+        pa.array([r["label"] for r in rows], pa.string()), pa.array([r["sha256"] for r in rows]),
+        pa.FixedSizeListArray.from_arrays(pa.array(np.stack([r["feature"] for r in rows]).reshape(-1)
+                                                   .astype(np.float16)), dim),
+    ], schema=row_schema(dim))
+
+
 def test_duplicate_image_ids_resolve_the_same_way_in_any_order():
     rows = _rows(10)
     dup = dict(rows[3], sha256="0" * 63 + "f", feature=np.full(8, 7.0, np.float32))  # sorts after rows[3]
     for order in ([*rows, dup], [dup, *rows]):
         items = ShardItems.from_rows(order, 8)
         assert items.size == 10 and items.duplicates_dropped == 1
-        np.testing.assert_array_equal(items.vectors[3], rows[3]["feature"])
+        np.testing.assert_array_equal(items.vectors[3], rows[3]["feature"].astype(np.float16))  # as stored
 
 
 def test_shard_items_refuse_unsorted_ids_and_non_finite_vectors():
@@ -155,11 +182,13 @@ def test_transform_is_identical_at_build_and_query(published, raw_features):
         np.testing.assert_allclose(np.linalg.norm(query, axis=1), 1.0, atol=1e-5)
         err = np.abs(stored.astype(np.float32) - query)
         assert np.all(err <= FLOAT16_EPS * np.abs(query) + 1e-6), float(err.max())
-        # the Annoy items are the same vectors (float32 in Annoy)
+        # the Annoy items are exactly the stored vectors (float16 values, float32 in Annoy): what the
+        # searcher re-scores is what the trees were built from
         annoy = AnnoyIndex(stored.shape[1], layout.METRIC)
         annoy.load(str(d / layout.ANNOY_FILE))
         for i in (0, len(raw) // 2, len(raw) - 1):
-            np.testing.assert_allclose(annoy.get_item_vector(i), query[i], atol=1e-5)
+            item = np.asarray(annoy.get_item_vector(i), np.float32)
+            np.testing.assert_array_equal(item, stored[i].astype(np.float32))
         annoy.unload()
         checked += len(raw)
     assert checked == manifest.items

@@ -187,6 +187,9 @@ def test_near_duplicates_are_exact_radius_queries_over_the_codes(three_shards):
     wide = s.near_duplicates(s.all_vectors()[picks], max_hamming=40)
     assert all(len(w) >= len(f) for w, f in zip(wide, found, strict=True))
     assert all([d for _, d in w] == sorted(d for _, d in w) for w in wide)
+    bits = s.methods["lsh"].planes.shape[1]
+    assert s.near_duplicates(s.all_vectors()[picks]) == s.near_duplicates(s.all_vectors()[picks],
+                                                                          max_hamming=bits // 16)
 
 
 def test_an_index_of_the_first_format_is_refused_with_a_rebuild_message(two_builds, tmp_path):
