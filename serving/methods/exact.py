@@ -19,4 +19,4 @@ class ExactMethod(Method):
     def search(self, handle: Any, shard: Any, q: np.ndarray, n: int, opts: SearchOptions
                ) -> tuple[np.ndarray, np.ndarray | None]:
         ids = topk.exact_top(shard.dense(), q, min(n, shard.size))
-        return ids, topk.score(shard.vectors, q, ids)
+        return ids, topk.score(shard.dense(), q, ids)
