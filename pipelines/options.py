@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from typing import Any
 
 from models.presets import PRESETS
 from serving.methods import LSH_RADIUS, SearchOptions
@@ -17,12 +18,17 @@ from serving.methods import LSH_RADIUS, SearchOptions
 SEARCH_METHODS = ("auto", "hnsw", "annoy", "lsh", "both", "exact")
 
 
+def _number(text: str, cast: Callable[[str], Any], what: str) -> Any:
+    """``cast(text)``, or the one-line argparse error every numeric option gives."""
+    try:
+        return cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}") from None
+
+
 def int_at_least(low: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}") from None
+        value = _number(text, int, "an integer")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
         return value
@@ -36,20 +42,14 @@ non_negative_int = int_at_least(0)
 
 
 def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    value = _number(text, float, "a number")
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
     return value
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+    value = _number(text, float, "a number")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
     return value
@@ -58,10 +58,7 @@ def non_negative_float(text: str) -> float:
 def float_above(low: float) -> Callable[[str], float]:
     """A number strictly above ``low`` (e.g. a scale factor between octaves: above 1)."""
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+        value = _number(text, float, "a number")
         if value <= low:
             raise argparse.ArgumentTypeError(f"must be above {low:g}, not {value}")
         return value
