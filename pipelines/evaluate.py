@@ -242,6 +242,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--feedback-rounds", type=non_negative_int, default=0, metavar="R",
                    help="simulate R rounds of relevance feedback (the shown top 10 marked by label)")
     p.add_argument("--feedback-weights", default=None, metavar="A,B,G", help="Rocchio weights (default 1,0.75,0.25)")
+    p.add_argument("--feedback-kernel", default=None, metavar="P,C",
+                   help="feedback's kernel re-scoring: power and weight of the rejected (default 5,3; 0,0: off)")
     p.add_argument("--no-configurations", action="store_true",
                    help="skip the re-ranking configurations (plain, QE, αQE, diffusion, verification)")
     p.add_argument("--plot", default=None, help="write the precision–recall curve to this PNG")

@@ -161,9 +161,11 @@ def search_options(args: argparse.Namespace, **overrides) -> SearchOptions:
         "diffusion_candidates": getattr(args, "diffusion_candidates", 100),
         "verify": getattr(args, "verify", 0),
     }
-    if getattr(args, "feedback_weights", None):
+    if getattr(args, "feedback_weights", None) or getattr(args, "feedback_kernel", None):
         from serving.rerank import FeedbackWeights
 
-        fields["feedback"] = FeedbackWeights.parse(args.feedback_weights)
+        text, kernel = getattr(args, "feedback_weights", None), getattr(args, "feedback_kernel", None)
+        weights = FeedbackWeights.parse(text) if text else FeedbackWeights()
+        fields["feedback"] = weights.with_kernel(kernel) if kernel else weights
     fields.update(overrides)
     return SearchOptions(**fields)

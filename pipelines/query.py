@@ -175,9 +175,13 @@ def register(subparsers: Any) -> None:
     q.add_argument("--like", nargs="+", default=[], metavar="IMAGE_ID",
                    help="relevance feedback: indexed results marked relevant (the query moves toward them)")
     q.add_argument("--unlike", nargs="+", default=[], metavar="IMAGE_ID",
-                   help="relevance feedback: results marked not relevant (the query moves away from them)")
+                   help="relevance feedback: results marked not relevant (the query moves away from them; "
+                        "they are not shown again)")
     q.add_argument("--feedback-weights", default=None, metavar="A,B,G",
                    help="Rocchio weights of the query, the relevant and the not-relevant mean (default 1,0.75,0.25)")
+    q.add_argument("--feedback-kernel", default=None, metavar="P,C",
+                   help="re-score the moved query's top 500 by mean cos^P to the query and liked results minus C times "
+                        "that to the unliked (default 5,3; 0,0: Rocchio's order alone)")
     q.add_argument("--serving", default=None, metavar="HOST:PORT",
                    help="embed the queries with TensorFlow Serving (cbir export-model) instead of the local model")
     q.add_argument("--serving-protocol", choices=("grpc", "rest"), default="grpc",

@@ -7,7 +7,9 @@ searcher doing it (``Searcher.search_arrays`` / ``verify_arrays``) over the same
 
 Relevance feedback is simulated as a user who, round after round, marks each of the shown
 top 10 relevant when its label is the query's and not relevant otherwise; marks
-accumulate over rounds, and the next list is a fresh search with the Rocchio-moved query.
+accumulate over rounds, and the next list is what ``Searcher.feedback_arrays`` returns for
+them (the Rocchio-moved query's candidates re-scored by the kernel on the marks, rejected
+items left out), exactly as ``cbir query --like/--unlike`` and the service answer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from serving.methods import SearchOptions
 from serving.searcher import Searcher, normalise_rows
 
 KS = (1, 5, 10)
+BASELINE_QE = 3  # exact + QE 3: the row every configuration is compared with (issue 13)
 
 
 def _scored(vectors: np.ndarray, qv: np.ndarray, ranked: np.ndarray) -> np.ndarray:
@@ -31,7 +34,7 @@ def _scored(vectors: np.ndarray, qv: np.ndarray, ranked: np.ndarray) -> np.ndarr
 
 def configurations(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, vectors: np.ndarray,
                    base: SearchOptions) -> list[dict[str, Any]]:
-    """Plain, QE, αQE, diffusion (graph), QE + diffusion, verification (local features), as the index allows.
+    """Plain, QE (and QE 3, the baseline), αQE, diffusion (graph), QE + diffusion, verification, as the index allows.
 
     ``queries`` are global ids (each left out of its own ranking), ``qv`` their query vectors:
     ``cbir evaluate`` passes the stored vectors (on a DBA index, augmented ones, as a neighbour
@@ -45,13 +48,13 @@ def configurations(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, vect
     labels = searcher.labels
     exact = dataclasses.replace(base, method="exact", rerank=False, qe=0, qe_alpha=0.0, diffusion=False,
                                 verify=0)
-    qe_n = base.qe or 3
+    qe_n = base.qe or BASELINE_QE
     alpha = base.qe_alpha or 3.0
     rows: list[dict[str, Any]] = []
 
-    def expanded(a: float) -> np.ndarray:
-        top, top_scores = searcher.search_arrays(qv, exact, exclude=queries, k=qe_n)
-        return searcher.expand(qv, top, qe_n, top_scores, a)
+    def expanded(a: float, n: int = qe_n) -> np.ndarray:
+        top, top_scores = searcher.search_arrays(qv, exact, exclude=queries, k=n)
+        return searcher.expand(qv, top, n, top_scores, a)
 
     def diffusion_head(query_vectors: np.ndarray | None):
         def reorder(qids: np.ndarray, ranked: np.ndarray) -> np.ndarray:
@@ -90,8 +93,11 @@ def configurations(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, vect
                      "queries": m["queries"], "qps": qps})
 
     add("exact", {}, timed(exact))
-    add(f"exact + QE {qe_n}", {"qe": qe_n}, timed(dataclasses.replace(exact, qe=qe_n)),
-        query_vectors=expanded(0.0))
+    qe_vectors = expanded(0.0)
+    if qe_n != BASELINE_QE:  # the customary baseline, so that every report can be read against it
+        add(f"exact + QE {BASELINE_QE}", {"qe": BASELINE_QE}, timed(dataclasses.replace(exact, qe=BASELINE_QE)),
+            query_vectors=expanded(0.0, BASELINE_QE))
+    add(f"exact + QE {qe_n}", {"qe": qe_n}, timed(dataclasses.replace(exact, qe=qe_n)), query_vectors=qe_vectors)
     aqe_vectors = expanded(alpha)
     add(f"exact + αQE {qe_n} (α={alpha:g})", {"qe": qe_n, "qe_alpha": alpha},
         timed(dataclasses.replace(exact, qe=qe_n, qe_alpha=alpha)), query_vectors=aqe_vectors)
@@ -99,10 +105,9 @@ def configurations(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, vect
         n = base.diffusion_candidates
         add(f"exact + diffusion ({n})", {"diffusion": True, "diffusion_candidates": n},
             timed(dataclasses.replace(exact, diffusion=True, diffusion_candidates=n)), reorder=diffusion_head(None))
-        add(f"exact + αQE {qe_n} + diffusion ({n})", {"qe": qe_n, "qe_alpha": alpha, "diffusion": True,
-                                                      "diffusion_candidates": n},
-            timed(dataclasses.replace(exact, qe=qe_n, qe_alpha=alpha, diffusion=True, diffusion_candidates=n)),
-            query_vectors=aqe_vectors, reorder=diffusion_head(aqe_vectors))
+        add(f"exact + QE {qe_n} + diffusion ({n})", {"qe": qe_n, "diffusion": True, "diffusion_candidates": n},
+            timed(dataclasses.replace(exact, qe=qe_n, diffusion=True, diffusion_candidates=n)),
+            query_vectors=qe_vectors, reorder=diffusion_head(qe_vectors))
     if caps["verify"] and base.verify > 0:
         n = base.verify
 
@@ -123,24 +128,26 @@ def feedback_rounds(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, rou
     lab = np.asarray(searcher.labels, dtype=object)
     keep = np.asarray([lab[q] is not None for q in queries])
     queries, qv = queries[keep], qv[keep]
-    search = dataclasses.replace(opts or SearchOptions(), method="exact", k=shown, qe=0, diffusion=False, verify=0)
+    search = dataclasses.replace(opts or SearchOptions(), method="exact", k=shown, qe=0, diffusion=False, verify=0,
+                                 feedback=weights)
     liked: list[set[int]] = [set() for _ in queries]
     unliked: list[set[int]] = [set() for _ in queries]
     current = normalise_rows(np.asarray(qv, np.float32))
     out = []
     for r in range(rounds + 1):
-        ids, _ = searcher.search_arrays(current, search, exclude=queries)
+        if r == 0:
+            ids, _ = searcher.search_arrays(current, search, exclude=queries)
+        else:
+            ids = np.concatenate([
+                searcher.feedback_arrays(qv[i], sorted(liked[i]), sorted(unliked[i]), search,
+                                         exclude=int(queries[i]))[0] for i in range(len(queries))])
         rel = metrics.relevance(ids, lab[queries], lab)
         out.append({"round": r, "p@10" if shown == 10 else f"p@{shown}": float(rel.mean()) if len(rel) else 0.0})
         if r == rounds:
             break
-        moved = np.empty_like(current)
         shown_labels = lab[np.maximum(ids, 0)]
         for i, row in enumerate(ids):
             for gid, label in zip(row.tolist(), shown_labels[i].tolist(), strict=True):
                 if gid >= 0 and label is not None:  # an unlabelled result is left unmarked
                     (liked[i] if label == lab[queries[i]] else unliked[i]).add(gid)
-            moved[i] = rerank.rocchio(qv[i], searcher.vectors_of(np.fromiter(liked[i], np.int64)),
-                                      searcher.vectors_of(np.fromiter(unliked[i], np.int64)), weights)
-        current = moved
     return out

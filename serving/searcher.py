@@ -271,28 +271,66 @@ class Searcher:
             exclude = self.global_id(*exclude)
         excl = None if exclude is None else np.asarray([exclude], dtype=np.int64)
         q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        if len(like) or len(unlike):
-            q = self.feedback_query(q[0], like, unlike, opts.feedback)[None, :]
+        marked = bool(len(like) or len(unlike))
         if not opts.verify:
-            ids, scores = self.search_arrays(q, opts, exclude=excl)
+            if marked:
+                ids, scores = self.feedback_arrays(q[0], like, unlike, opts, exclude=exclude)
+            else:
+                ids, scores = self.search_arrays(q, opts, exclude=excl)
             return self._hits(ids[0], scores[0])
         if local is None and exclude is not None:
             local = self.local_features_of(int(exclude))
         if local is None:
             raise ValueError("--verify needs the query's local features (an image query, or an indexed item)")
         wide = dataclasses.replace(opts, k=max(opts.k, opts.verify), verify=0)
-        ids, scores = self.search_arrays(q, wide, exclude=excl)
+        if marked:
+            ids, scores = self.feedback_arrays(q[0], like, unlike, wide, exclude=exclude)
+        else:
+            ids, scores = self.search_arrays(q, wide, exclude=excl)
         ids, scores, counts = self.verify_arrays([local], ids, scores, opts.verify)
         return self._hits(ids[0, : opts.k], scores[0, : opts.k], counts[0, : opts.k])
 
     def feedback_query(self, vector: np.ndarray, like: Any, unlike: Any,
                        weights: FeedbackWeights | None = None) -> np.ndarray:
         """Rocchio: the (transformed) query moved toward the stored vectors of ``like`` and away from ``unlike``."""
-        liked = self.vectors_of(np.asarray(list(like), np.int64).reshape(-1))
-        unliked = self.vectors_of(np.asarray(list(unlike), np.int64).reshape(-1))
+        liked, unliked = self._marked_vectors(like, unlike)
+        return rerank.rocchio(vector, liked, unliked, weights or FeedbackWeights())
+
+    def _marked_vectors(self, like: Any, unlike: Any) -> tuple[np.ndarray, np.ndarray]:
         for gid in [*like, *unlike]:
             self.locate(int(gid))  # IndexError for an id this version does not hold
-        return rerank.rocchio(vector, liked, unliked, weights or FeedbackWeights())
+        return (self.vectors_of(np.asarray(list(like), np.int64).reshape(-1)),
+                self.vectors_of(np.asarray(list(unlike), np.int64).reshape(-1)))
+
+    def feedback_arrays(self, vector: np.ndarray, like: Any, unlike: Any, opts: SearchOptions | None = None,
+                        exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of one query after relevance feedback: (ids (1, k), cosines to the moved query).
+
+        Rocchio moves the query (``opts.feedback``); its top ``candidates`` (the method and
+        re-rankers of ``opts`` apply) are re-ordered by :func:`rerank.feedback_scores` on the
+        marks. Items marked not relevant are never returned: a user who rejected a result
+        is not shown it again. ``like`` / ``unlike`` are global ids; ``exclude`` one more.
+        """
+        opts = self._resolved(opts)
+        weights = opts.feedback
+        liked, unliked = self._marked_vectors(like, unlike)
+        rejected = np.unique(np.asarray(list(unlike), np.int64).reshape(-1))
+        moved = rerank.rocchio(vector, liked, unliked, weights)
+        pool = max(opts.k, weights.candidates if weights.power > 0 else 0) + len(rejected)
+        excl = None if exclude is None else np.asarray([exclude], np.int64)
+        ids, scores = self.search_arrays(moved[None, :], dataclasses.replace(opts, k=pool), exclude=excl)
+        ids, scores = ids[0], scores[0]
+        keep = (ids >= 0) & ~np.isin(ids, rejected)
+        ids, scores = ids[keep], scores[keep]
+        if weights.power > 0 and len(ids):
+            relevance = rerank.feedback_scores(vector, liked, unliked, self.vectors_of(ids), weights)
+            order = rerank.order_by(relevance, scores)
+            ids, scores = ids[order], scores[order]
+        out_ids = np.full((1, opts.k), -1, np.int64)
+        out_scores = np.full((1, opts.k), -np.inf, np.float32)
+        n = min(opts.k, len(ids))
+        out_ids[0, :n], out_scores[0, :n] = ids[:n], scores[:n]
+        return out_ids, out_scores
 
     def local_features_of(self, gid: int) -> LocalFeatures | None:
         """The stored local features of an indexed item (None when this index carries none)."""

@@ -77,3 +77,27 @@ def test_knn_excludes_each_item_and_dba_pulls_neighbours_together():
     assert y[0] @ x[second] > x[0] @ x[second]
     zero = augment.dba(x, ids, np.zeros_like(sims), 2)  # weights 0: every vector stays itself
     np.testing.assert_allclose(zero, x, atol=1e-6)
+
+
+def test_feedback_scores_follow_the_nearest_mark_and_keep_the_plain_order_without_marks():
+    x = _unit(40, 16, seed=4)
+    q = x[0]
+    plain = rerank.feedback_scores(q, np.zeros((0, 16)), np.zeros((0, 16)), x[1:])
+    cos = x[1:] @ q  # candidates on the far side all score 0: the cosine breaks those ties, as the searcher does
+    assert np.array_equal(rerank.order_by(plain, cos), np.argsort(-cos, kind="stable"))
+    liked = normalise_rows(x[5:6] + 0.0)
+    near_liked = normalise_rows(liked + 0.1 * x[6:7])
+    near_rejected = normalise_rows(x[7:8] + 0.1 * x[8:9])
+    cands = np.vstack([near_liked, near_rejected])
+    s = rerank.feedback_scores(q, liked, x[7:8], cands)
+    assert s[0] > s[1]
+    off = rerank.feedback_scores(q, liked, x[7:8], cands, rerank.FeedbackWeights(negative=0))
+    assert s[1] < off[1] and s[0] == pytest.approx(off[0])  # the rejected item only ever lowers scores
+
+
+def test_feedback_kernel_parses_and_refuses():
+    w = rerank.FeedbackWeights.parse("1,0.5,0").with_kernel("8,2")
+    assert (w.alpha, w.beta, w.gamma, w.power, w.negative) == (1.0, 0.5, 0.0, 8.0, 2.0)
+    for bad in ("5", "5,x", "-1,2", "nan,1"):
+        with pytest.raises(ValueError, match="--feedback-kernel"):
+            rerank.FeedbackWeights().with_kernel(bad)
