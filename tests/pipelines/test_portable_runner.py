@@ -4,14 +4,16 @@ This is the path Flink and Dataflow Runner v2 take (a job service, workers that 
 harness elsewhere); their own job servers are downloads this machine cannot fetch, and Beam's
 DaskRunner runs these pipelines wrongly without failing, so it is not supported. Both
 services start on free ports with this venv's Python first on PATH (the pool starts workers
-with the first ``python`` it finds), every job runs as a ``cbir`` process with a timeout so a
-dead worker cannot hang the suite, and both services are stopped by their process groups.
+with the first ``python`` it finds), the jobs run one after another in a ``cbir`` process
+(``pipelines.cli.main`` per job, so the launcher's TensorFlow and Beam start-up is paid once) with a
+timeout so a dead worker cannot hang the suite, and both services are stopped by their process groups.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -93,44 +95,67 @@ def services(tmp_path_factory):
             proc.wait(timeout=30)
 
 
-def _cbir(services, *argv: str) -> subprocess.CompletedProcess:
-    """Runs a job as a ``cbir`` process; records whether the worker pool had SDK worker processes meanwhile."""
+# Runs each job as ``cbir <argv>`` would, one after another; prints when each started and ended.
+JOBS = """
+import json, sys, time
+from pipelines import cli
+for argv in json.loads(sys.argv[1]):
+    start = time.time()
+    code = cli.main(argv)
+    print("JOB " + json.dumps([argv[0], code, start, time.time()]), flush=True)
+    if code:
+        sys.exit(code)
+"""
+
+
+def _cbir(services, *jobs: list[str]) -> subprocess.CompletedProcess:
+    """Runs the jobs in one process; checks that the worker pool started SDK worker processes for each of them."""
     pool = services["pool"].pid
-    seen: set[int] = set()
+    seen: list[tuple[float, set[int]]] = []  # (when, the pool's descendants then)
     done = threading.Event()
 
     def watch():
         while not done.is_set():
-            seen.update(_children(pool))
+            seen.append((time.time(), _children(pool)))
             time.sleep(0.2)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    argvs = [[*argv, *services["args"]] for argv in jobs]
     try:
-        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *argv, *services["args"]], capture_output=True,
-                              text=True, timeout=JOB_TIMEOUT, env=services["env"], cwd=REPO)
+        proc = subprocess.run([sys.executable, "-c", JOBS, json.dumps(argvs)], capture_output=True, text=True,
+                              timeout=JOB_TIMEOUT, env=services["env"], cwd=REPO)
     finally:
         done.set()
         watcher.join()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert seen, "the external worker pool started no SDK worker process for this job"
-    assert os.getpid() not in seen and all(pid != os.getpid() for pid in seen)
+    ran = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("JOB ")]
+    assert [(name, code) for name, code, _, _ in ran] == [(argv[0], 0) for argv in jobs]
+    for name, _, start, end in ran:
+        before = set().union(*(pids for t, pids in seen if t < start))
+        during = set().union(*(pids for t, pids in seen if start <= t <= end))
+        assert during - before, f"the external worker pool started no SDK worker process for {name}"
+    assert all(os.getpid() not in pids for _, pids in seen)
     return proc
 
 
 @pytest.mark.slow
 def test_extract_index_and_neighbors_through_a_job_server_and_an_external_worker_pool(services, tmp_path, flowers,
                                                                                        weights_dir):
-    features, index_dir, table = tmp_path / "features", tmp_path / "index", tmp_path / "neighbors"
-    _cbir(services, "extract", "--input", str(flowers / "6"), "--output", str(features), "--model", "mobilenet_v1_025")
+    photos, features, index_dir, table = (tmp_path / n for n in ("photos", "features", "index", "neighbors"))
+    photos.mkdir()
+    for p in sorted((flowers / "6").glob("*.jpg"))[:24]:  # the count does not matter here, start-up does
+        shutil.copy(p, photos / p.name)
+    _cbir(services,
+          ["extract", "--input", str(photos), "--output", str(features), "--model", "mobilenet_v1_025"],
+          ["index", "--features", str(features), "--output", str(index_dir), "--dims", "16", "--shards", "2"],
+          ["neighbors", "--index", str(index_dir), "--output", str(table), "-k", "5", "--chunk-size", "8"])
     m = json.loads((features / "MANIFEST.json").read_text())
-    assert m["counts"] == {"inputs": 80, "read": 80, "ok": 80, "failed": 0}
-    assert m["accounting"]["checked"]["read (counter)"] == 80  # metrics came back from the workers
-    assert m["metrics"]["num_inferences"] == 80
-    _cbir(services, "index", "--features", str(features), "--output", str(index_dir), "--dims", "16", "--shards", "2")
+    assert m["counts"] == {"inputs": 24, "read": 24, "ok": 24, "failed": 0}
+    assert m["accounting"]["checked"]["read (counter)"] == 24  # metrics came back from the workers
+    assert m["metrics"]["num_inferences"] == 24
     version = json.loads((index_dir / "LATEST").read_text())["version"]
     im = json.loads((index_dir / version / "MANIFEST.json").read_text())
-    assert im["items"] == 80 and im["metrics"]["items"] == 80 and im["index_types"] == ["annoy", "lsh", "hnsw"]
-    _cbir(services, "neighbors", "--index", str(index_dir), "--output", str(table), "-k", "5", "--chunk-size", "20")
+    assert im["items"] == 24 and im["metrics"]["items"] == 24 and im["index_types"] == ["annoy", "lsh", "hnsw"]
     nm = json.loads((table / "MANIFEST.json").read_text())
-    assert nm["counts"]["rows"] == 80 and nm["accounting"]["checked"]["rows (counter)"] == 80
+    assert nm["counts"]["rows"] == 24 and nm["accounting"]["checked"]["rows (counter)"] == 24
