@@ -8,5 +8,8 @@ if [ -z "${CBIR_WEIGHTS_DIR:-}" ] && [ -d ../shared/models/keras ]; then
   export CBIR_WEIGHTS_DIR="$(cd ../shared/models/keras && pwd)"
 fi
 export CBIR_OFFLINE="${CBIR_OFFLINE:-1}"
+# NumPy's BLAS on one thread: the suite's matrices are small, and two BLAS threads contending with
+# TensorFlow's on two cores made small SVDs and products 10-100x slower (an ITQ fit 0.5 s -> 10 s).
+export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 ruff check .
 exec python -m pytest "$@"

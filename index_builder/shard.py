@@ -295,6 +295,8 @@ def build_shard(
     local_counts = None
     if params.local_features:
         local_counts = local_store.write_shard(out_dir, items.image_ids, items.sha256, local_rows)
+        log.info("shard %d: vote index over %d local descriptors…", shard, local_counts["keypoints"])
+        local_counts["vote_index"] = local_store.write_vote_index(out_dir, seed=shard)
     t1 = time.monotonic()
     if query_ids is not None:
         log.info("shard %d: calibrating search effort on %d held-out items…", shard, len(query_ids))

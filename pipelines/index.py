@@ -31,7 +31,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from index_builder import augment, calibration, hnsw, layout, lsh, signing
+from index_builder import augment, calibration, hnsw, layout, local_store, lsh, signing
 from index_builder.manifests import (
     Accounting,
     AnnoyParams,
@@ -539,7 +539,10 @@ def publish(
         dba=extras.dba,
         graph=extras.graph,
         local_features=({**extras.local, "items_with_local_features": sum(
-            (i.get("local_features") or {}).get("items_with_local_features", 0) for i in infos)}
+            (i.get("local_features") or {}).get("items_with_local_features", 0) for i in infos),
+            "vote_index": {"file": local_store.VOTES_FILE, "nprobe": local_store.VOTE_NPROBE,
+                           "ratio": local_store.VOTE_RATIO,
+                           "kinds": sorted({i["local_features"]["vote_index"]["kind"] for i in infos})}}
             if extras.local is not None else None),
     )
     final = fsutil.join(cfg.output, version)

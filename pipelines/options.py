@@ -138,7 +138,10 @@ def add_search_args(p: argparse.ArgumentParser, method: str = "auto", k: int = 1
     p.add_argument("--diffusion-candidates", type=int_at_least(2), default=100,
                    help="how many first results diffusion re-orders (its cost depends on this, not the corpus)")
     p.add_argument("--verify", type=non_negative_int, default=0, metavar="N",
-                   help="re-rank the top N by geometric verification inliers (needs extract --local-features)")
+                   help="re-rank the top N by geometric verification inliers (needs extract --local-features), "
+                        "with up to N more candidates the query's local descriptors vote for")
+    p.add_argument("--no-verify-votes", action="store_true",
+                   help="--verify only the global top N (no candidates from local-descriptor votes)")
 
 
 def add_signing_arg(p: argparse.ArgumentParser) -> None:
@@ -160,6 +163,7 @@ def search_options(args: argparse.Namespace, **overrides) -> SearchOptions:
         "diffusion": getattr(args, "diffusion", False),
         "diffusion_candidates": getattr(args, "diffusion_candidates", 100),
         "verify": getattr(args, "verify", 0),
+        "verify_votes": not getattr(args, "no_verify_votes", False),
     }
     if getattr(args, "feedback_weights", None) or getattr(args, "feedback_kernel", None):
         from serving.rerank import FeedbackWeights

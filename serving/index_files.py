@@ -130,6 +130,8 @@ def required_files(manifest: IndexManifest) -> list[str]:
         per_shard.append(HNSW_FILE)
     if manifest.local_features:
         per_shard += list(local_store.FILES)
+        if manifest.local_features.get("vote_index"):  # indexes built before the vote index have none
+            per_shard.append(local_store.VOTES_FILE)
     if manifest.graph:
         need += [layout.GRAPH_NEIGHBOURS, layout.GRAPH_SIMILARITIES]
     for s in range(manifest.shards):

@@ -126,6 +126,8 @@ class Searcher:
         self._graph = self._open_graph()
         self._local = ([local_store.ShardLocal(os.path.join(self.version_dir, layout.shard_dir(s.number)), s.size)
                         for s in self.shards] if self.manifest.local_features else None)
+        self._votes: dict[int, Any] = {}  # shard number -> its local-descriptor vote index, opened on first use
+        self._votes_lock = threading.Lock()
         self._threads = threads or min(8, max(2, os.cpu_count() or 1))
         self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="cbir-search")
         log.info("opened %s: %d items in %d shards (%s)", self.version_dir, self.size, len(self.shards),
@@ -164,6 +166,7 @@ class Searcher:
         return {
             "methods": list(self.available_methods),
             "verify": self._local is not None,
+            "votes": bool((self.manifest.local_features or {}).get("vote_index")),
             "diffusion": self._graph is not None,
             "dba": (self.manifest.dba or {}).get("k"),
             "labels": any(label is not None for label in self.labels),
@@ -287,8 +290,54 @@ class Searcher:
             ids, scores = self.feedback_arrays(q[0], like, unlike, wide, exclude=exclude)
         else:
             ids, scores = self.search_arrays(q, wide, exclude=excl)
-        ids, scores, counts = self.verify_arrays([local], ids, scores, opts.verify)
+        n = opts.verify
+        if opts.verify_votes and self.capabilities["votes"]:
+            ids, scores, n = self._with_voted(q[0], local, ids, scores, opts.verify, exclude,
+                                              np.asarray(list(unlike), np.int64))
+        ids, scores, counts = self.verify_arrays([local], ids, scores, n)
         return self._hits(ids[0, : opts.k], scores[0, : opts.k], counts[0, : opts.k])
+
+    def vote_candidates(self, local: LocalFeatures, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` items most query descriptors match (ratio-tested, in the shards' vote indexes).
+
+        (global ids, votes), most votes first, items with no vote left out. This finds an
+        edited copy whose global descriptor drifted out of the top N (a crop, a rotation):
+        the pixels it kept still carry their local features.
+        """
+        if not self.capabilities["votes"]:
+            raise ValueError(f"{self.version_dir} has no local-descriptor vote index: rebuild it from features "
+                             "extracted with --local-features K")
+        root = local_store.root_sift(local.descriptors) if local.size else np.zeros((0, 128), np.float32)
+        gids, counts = [], []
+        for s in self.shards:
+            with self._votes_lock:
+                index = self._votes.get(s.number)
+                if index is None:
+                    index = self._votes[s.number] = local_store.open_vote_index(
+                        os.path.join(self.version_dir, layout.shard_dir(s.number)))
+            v = local_store.votes(index, root, s.size)
+            top = np.flatnonzero(v)
+            gids.append(top + self.offsets[s.number])
+            counts.append(v[top])
+        gid, count = np.concatenate(gids), np.concatenate(counts)
+        order = np.lexsort((self._id_rank[gid], -count))[:n]
+        return gid[order], count[order]
+
+    def _with_voted(self, q: np.ndarray, local: LocalFeatures, ids: np.ndarray, scores: np.ndarray, n: int,
+                    exclude: int | None, rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """The global top ``n`` followed by up to ``n`` more candidates from local-descriptor votes, to verify."""
+        head = ids[0, :n][ids[0, :n] >= 0]
+        voted, _ = self.vote_candidates(local, n)
+        drop = np.concatenate([head, rejected, [] if exclude is None else [exclude]]).astype(np.int64)
+        voted = voted[~np.isin(voted, drop)][:n]
+        if not len(voted):
+            return ids, scores, n
+        cos = self.vectors_of(voted) @ normalise_rows(q.reshape(1, -1))[0]
+        rest = ids[0, n:][~np.isin(ids[0, n:], voted)]
+        rest_scores = scores[0, n:][~np.isin(ids[0, n:], voted)]
+        out_ids = np.concatenate([head, voted, rest])[None, :]
+        out_scores = np.concatenate([scores[0, : len(head)], cos.astype(np.float32), rest_scores])[None, :]
+        return out_ids, out_scores, len(head) + len(voted)
 
     def feedback_query(self, vector: np.ndarray, like: Any, unlike: Any,
                        weights: FeedbackWeights | None = None) -> np.ndarray:

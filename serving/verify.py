@@ -19,7 +19,8 @@ import numpy as np
 
 from models.local_features import LocalFeatures, root_sift
 
-RATIO = 0.8  # Lowe's ratio test
+RATIO = 0.9  # Lowe's ratio test; 0.8 kept too few matches on strongly edited copies (bench_rerank: the
+# original verified first for 0.65 of 200 copies at 0.8, 0.68 at 0.9, with no more false matches)
 REPROJECTION_PX = 6.0  # inlier threshold in pixels of the ≤512 px frames
 MIN_INLIERS = 8
 SEED = 1234

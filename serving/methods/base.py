@@ -36,7 +36,9 @@ class SearchOptions:
     ``qe`` / ``qe_alpha`` expand the query with its top results and search again;
     ``diffusion`` re-orders the top ``diffusion_candidates`` by diffusion over the index's
     k-NN graph (``cbir index --graph-k``); ``verify`` re-orders the top N by geometric
-    verification inliers (needs local features: ``cbir extract --local-features``);
+    verification inliers (needs local features: ``cbir extract --local-features``), together
+    with up to N more candidates the query's local descriptors vote for (``verify_votes``,
+    on indexes that carry a vote index);
     ``feedback`` weighs relevance-feedback marks (Rocchio) when a search is given any.
     """
 
@@ -54,6 +56,7 @@ class SearchOptions:
     diffusion: bool = False
     diffusion_candidates: int = 100
     verify: int = 0
+    verify_votes: bool = True  # also verify up to ``verify`` candidates proposed by local-descriptor votes
     feedback: FeedbackWeights = FeedbackWeights()
 
     def methods(self) -> tuple[str, ...]:

@@ -88,6 +88,26 @@ def test_verify_puts_the_original_of_an_edited_copy_first(built):
     assert all("inliers" not in r for r in plain_rows[0]["results"])
 
 
+def test_local_descriptor_votes_bring_in_an_original_the_global_search_missed(built):
+    """The global vector points elsewhere (another class's photo); the copy's local descriptors still vote for it."""
+    root, _, rich, _, _ = built
+    assert rich.local_features["vote_index"]["file"] == "local_votes.faiss"
+    assert all(f"shards/shard-{s:05d}/local_votes.faiss" in rich.files for s in range(2))
+    with Searcher(str(root / "rich")) as s:
+        local = s.query_local_features((root / "copy.jpg").read_bytes())
+        original = s.find(ORIGINAL)
+        voted, counts = s.vote_candidates(local, 3)
+        assert voted[0] == original and counts[0] > counts[1:].max(initial=0)
+        elsewhere = s.vectors_of(np.array([s.find("0/image_0001.jpg")]))[0]
+        opts = SearchOptions(k=5, method="exact", verify=5)
+        top, _ = s.search_arrays(elsewhere[None, :], opts)
+        assert original not in top[0]  # the global search alone cannot find it
+        hits = s.search(elsewhere, opts, local=local)
+        assert s.global_id(hits[0].shard, hits[0].id) == original and hits[0].inliers >= 8
+        blind = s.search(elsewhere, dataclasses.replace(opts, verify_votes=False), local=local)
+        assert original not in [s.global_id(h.shard, h.id) for h in blind]
+
+
 def test_verify_without_local_features_is_refused_with_the_fix(built, capsys):
     root = built[0]
     code = cli.main(["query", "--index", str(root / "plain"), str(root / "copy.jpg"), "--verify", "5"])
