@@ -50,9 +50,15 @@ def backbone(mobilenet_spec):
     return Backbone(mobilenet_spec)
 
 
+# Session-level folder of this export: tests/serving/test_serving_client.py serves the very same export
+# (same model, version 1, this session's flowers_index transform) from here instead of exporting again.
+# Nothing writes into it after the export.
+SHARED_EXPORT_DIR = "flowers_savedmodel"
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, mobilenet_spec, flowers_index):
-    base = tmp_path_factory.mktemp("export") / "cbir"
+    base = tmp_path_factory.getbasetemp() / SHARED_EXPORT_DIR / "cbir"
     transform = index_transform(str(flowers_index[0]))
     result = export.export_savedmodel(mobilenet_spec, str(base), version=1, index=transform)
     return base, result, tf.saved_model.load(result.path)

@@ -56,11 +56,14 @@ def test_features_equal_backbone_on_same_pixels(flowers_features, flowers, mobil
 
 
 def test_rerun_replaces_output_without_duplicates(tmp_path, flowers, mobilenet_spec):
-    cfg = extract.ExtractConfig(input=str(flowers / "1"), output=str(tmp_path), model=mobilenet_spec)
+    pattern = flowers / "1" / "image_008*.jpg"  # the rerun protocol, not the photo count, is under test
+    cfg = extract.ExtractConfig(input=str(pattern), output=str(tmp_path), model=mobilenet_spec)
     first = extract.run(cfg)
     second = extract.run(cfg)
     assert first.run_id != second.run_id
     parts = sorted(p.name for p in (tmp_path / "features").glob("part-*.parquet"))
     assert parts == [f.path.split("/")[-1] for f in second.files["features"]]
-    assert _read_features(tmp_path).num_rows == 80
+    photos = len(list(flowers.glob("1/image_008*.jpg")))
+    assert photos >= 5 and first.counts.ok == second.counts.ok == photos
+    assert _read_features(tmp_path).num_rows == photos
     assert not list((tmp_path / "_staging").glob("*"))
