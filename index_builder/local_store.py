@@ -11,7 +11,7 @@ dense id, so a query's descriptors can *propose* candidates by votes (:func:`vot
 edited copy whose global descriptor has drifted out of the top N (a crop, a rotation) still
 shares local features with its original. Up to :data:`EXACT_VOTES_UP_TO` descriptors it is
 exact (``IndexFlatIP``), beyond an inverted file over 8-bit scalar-quantised vectors
-(``IVF{n/256},SQ8``: a quarter of the float bytes, opened memory-mapped).
+(``IVF√m,SQ8``: a quarter of the float bytes, opened memory-mapped; :func:`vote_index_kind`).
 
 Pure numpy and faiss: the index build writes these from Parquet rows (``extract
 --local-features``), the searcher reads them; neither needs OpenCV.
@@ -33,7 +33,7 @@ DESCRIPTOR_DIM = 128
 EXACT_VOTES_UP_TO = 50_000
 VOTE_NPROBE = 16
 VOTE_RATIO = 0.8  # Lowe's ratio test on a query descriptor's two nearest stored descriptors
-TRAIN_PER_LIST = 100
+TRAIN_PER_LIST = 64  # k-means samples per inverted list (faiss warns below 39)
 
 # Parquet rows of <features>/local/part-*.parquet, one per image the extract job read
 LOCAL_SCHEMA = pa.schema([
@@ -114,7 +114,17 @@ def root_sift(descriptors: np.ndarray) -> np.ndarray:
 
 
 def vote_index_kind(m: int) -> str:
-    return "flat" if m <= EXACT_VOTES_UP_TO else f"IVF{max(1, min(65536, m // 256))},SQ8"
+    """The faiss index for ``m`` descriptors: exact when small, else an inverted file of √m lists.
+
+    √m lists keep both the k-means training (on :data:`TRAIN_PER_LIST` samples a list) and a
+    query's scan (:data:`VOTE_NPROBE` lists of ~√m descriptors each) growing with √m; beyond
+    4,096 lists the coarse assignment goes through an HNSW graph of the centroids, so adding
+    100k images' descriptors does not compare each with every centroid.
+    """
+    if m <= EXACT_VOTES_UP_TO:
+        return "flat"
+    lists = int(np.sqrt(m))
+    return f"IVF{lists}_HNSW32,SQ8" if lists > 4096 else f"IVF{lists},SQ8"
 
 
 def write_vote_index(out_dir: str, seed: int = 0) -> dict[str, object]:
