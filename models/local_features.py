@@ -105,10 +105,3 @@ def from_image_bytes(data: bytes, max_keypoints: int, max_side: int = DEFAULT_MA
     """Local features of encoded image bytes (raises ``ImageDecodeError`` like every decode)."""
     decoded = decode_to_fit(data, max_side, max_pixels)
     return from_rgb(decoded.pixels, max_keypoints)
-
-
-def root_sift(descriptors: np.ndarray) -> np.ndarray:
-    """RootSIFT: L1-normalise, square root; Euclidean distance then compares like the Hellinger kernel."""
-    d = np.asarray(descriptors, np.float32)
-    d = d / np.maximum(d.sum(axis=1, keepdims=True), 1e-7)
-    return np.sqrt(d)

@@ -333,8 +333,8 @@ class Searcher:
         if not len(voted):
             return ids, scores, n
         cos = self.vectors_of(voted) @ normalise_rows(q.reshape(1, -1))[0]
-        rest = ids[0, n:][~np.isin(ids[0, n:], voted)]
-        rest_scores = scores[0, n:][~np.isin(ids[0, n:], voted)]
+        tail = ~np.isin(ids[0, n:], voted)
+        rest, rest_scores = ids[0, n:][tail], scores[0, n:][tail]
         out_ids = np.concatenate([head, voted, rest])[None, :]
         out_scores = np.concatenate([scores[0, : len(head)], cos.astype(np.float32), rest_scores])[None, :]
         return out_ids, out_scores, len(head) + len(voted)

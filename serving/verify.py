@@ -17,7 +17,8 @@ import threading
 
 import numpy as np
 
-from models.local_features import LocalFeatures, root_sift
+from index_builder.local_store import root_sift
+from models.local_features import LocalFeatures
 
 RATIO = 0.9  # Lowe's ratio test; 0.8 kept too few matches on strongly edited copies (bench_rerank: the
 # original verified first for 0.65 of 200 copies at 0.8, 0.68 at 0.9, with no more false matches)
