@@ -37,7 +37,6 @@ from index_builder.vector_space import space_fingerprint, transform_fingerprint
 from models.local_features import LocalFeatures
 from serving import compatibility, index_files, rerank, topk, verify
 from serving.methods import METHODS, Method, SearchOptions
-from serving.rerank import FeedbackWeights
 
 log = logging.getLogger(__name__)
 
@@ -338,12 +337,6 @@ class Searcher:
         out_ids = np.concatenate([head, voted, rest])[None, :]
         out_scores = np.concatenate([scores[0, : len(head)], cos.astype(np.float32), rest_scores])[None, :]
         return out_ids, out_scores, len(head) + len(voted)
-
-    def feedback_query(self, vector: np.ndarray, like: Any, unlike: Any,
-                       weights: FeedbackWeights | None = None) -> np.ndarray:
-        """Rocchio: the (transformed) query moved toward the stored vectors of ``like`` and away from ``unlike``."""
-        liked, unliked = self._marked_vectors(like, unlike)
-        return rerank.rocchio(vector, liked, unliked, weights or FeedbackWeights())
 
     def _marked_vectors(self, like: Any, unlike: Any) -> tuple[np.ndarray, np.ndarray]:
         for gid in [*like, *unlike]:
