@@ -66,8 +66,6 @@ def build(vectors: np.ndarray, path: str, m: int = DEFAULT_M, ef_construction: i
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     graph = faiss.IndexHNSWSQ(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
     graph.hnsw.efConstruction = ef_construction
-    if not graph.is_trained:  # float16 storage learns nothing (faiss says trained); kept for other storages
-        graph.train(vectors[:1])
     index = faiss.IndexIDMap(graph)
     ids = np.arange(len(vectors), dtype=np.int64)
     result = None

@@ -35,7 +35,8 @@ def test_hnsw_opens_memory_mapped_without_reading_the_file(tmp_path):
     index = hnsw.open_mapped(path)
     grown = _rss_bytes() - before
     assert index.ntotal == 40_000
-    assert grown < size / 3, f"opening grew RSS by {grown / 1e6:.1f} MB for a {size / 1e6:.1f} MB file"
+    vector_bytes = 40_000 * 256 * 2  # reading them in would grow RSS by all of these; the links are the rest
+    assert grown < vector_bytes / 2, f"opening grew RSS by {grown / 1e6:.1f} MB for a {size / 1e6:.1f} MB file"
     ids, scores = hnsw.search(index, vectors[:20], 3, ef_search=256)
     import faiss
 
