@@ -306,7 +306,8 @@ class Searcher:
         if not self.capabilities["votes"]:
             raise ValueError(f"{self.version_dir} has no local-descriptor vote index: rebuild it from features "
                              "extracted with --local-features K")
-        root = local_store.root_sift(local.descriptors) if local.size else np.zeros((0, 128), np.float32)
+        root = (local_store.root_sift(local.descriptors) if local.size
+                else np.zeros((0, local_store.DESCRIPTOR_DIM), np.float32))
         gids, counts = [], []
         for s in self.shards:
             with self._votes_lock:
