@@ -47,7 +47,7 @@ def test_pool_gives_the_same_rows_and_failures_as_one_thread(flowers):
         expected.append((r.image_id, hashlib.sha256(r.data).hexdigest(), hashlib.sha256(px.tobytes()).hexdigest()))
     assert len(expected) == len(records) - 2
     for threads, window in ((1, 0), (3, 4)):
-        with BeamTestPipeline() as p:
+        with BeamTestPipeline(options=pipeline_options([])) as p:
             out = (
                 p
                 | beam.Create([r._replace(data=None) if r.label == "3" else r for r in records])

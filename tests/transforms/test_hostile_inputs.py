@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.runner import pipeline_options
 from transforms import fsutil
 from transforms.readers import InputSpec, ReadImages, write_listing
 
@@ -33,7 +34,7 @@ def read(spec: InputSpec, tmp_path: Path) -> tuple[list[dict], list[dict], list[
     """ReadImages alone: (record rows, failure rows, tallies)."""
     out = tmp_path / f"collected-{uuid.uuid4().hex[:6]}"
     listed = spec.list()
-    p = beam.Pipeline()
+    p = beam.Pipeline(options=pipeline_options([]))  # the jobs' own local runner
     got = p | ReadImages(spec, write_listing(str(out / "staging"), listed))
     got["records"] | "R" >> beam.Map(lambda r: json.dumps({"image_id": r.image_id, "bytes": len(r.data)})) \
         | "WR" >> beam.io.WriteToText(str(out / "records"))

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from pipelines import extract
 from pipelines import shard_inputs as shard
+from pipelines.runner import pipeline_options
 from transforms.readers import InputSpec, ListedFile, ReadImages, RecordTooLargeError, read_limited, write_listing
 from transforms.readers.common import TALLIES_TAG, _AccountFn
 from transforms.readers.parquet import parquet_columns
@@ -61,7 +62,7 @@ def read_spec(spec: str, tmp_path: Path, allow_uri_prefixes: tuple[str, ...] = (
     out = tmp_path / f"collected-{uuid.uuid4().hex[:6]}"
     parsed = InputSpec.parse(spec, allow_uri_prefixes)
     listed = parsed.list()
-    p = beam.Pipeline()
+    p = beam.Pipeline(options=pipeline_options([]))  # the jobs' own local runner
     read = p | ReadImages(parsed, write_listing(str(out / "staging"), listed))
     read["records"] | "R" >> beam.Map(_record_row) | "WR" >> beam.io.WriteToText(str(out / "records"))
     read["failures"] | "F" >> beam.Map(json.dumps) | "WF" >> beam.io.WriteToText(str(out / "failures"))
