@@ -2,8 +2,8 @@
 
 Makes (or reuses) a corpus of small distinct JPEGs cut from the dev photos
 (``benchmarks/scale_corpus.py``; never committed), then runs each stage as its own
-``cbir`` process on the DirectRunner's default mode, exactly as a user would, and reports
-per stage: wall time, rate, peak resident memory (``wait4`` of that process) and the
+``cbir`` process on the local default runner (``pipelines.runner.LocalRunner``), exactly as
+a user would, and reports per stage: wall time, rate, peak resident memory (``wait4`` of that process) and the
 counts its manifest recorded. It fails loudly (exit 1) when any count differs:
 images made = extract inputs = ok + failed; ok = items indexed; items = neighbour rows.
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     make_s = time.perf_counter() - t
     origin = f"made in {make_s:.0f}s" if not args.corpus else "made earlier by benchmarks.scale_corpus"
     print(f"setup: {machine()}\n       {made} distinct JPEGs under {corpus} ({origin}), model {args.model}, "
-          "DirectRunner default mode", flush=True)
+          "local default runner", flush=True)
     problems: list[str] = []
     rows: list[list] = []
 
@@ -143,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             + (f" --extract-runs {args.extract_runs}" if args.extract_runs > 1 else "")
             + (" --old-default" if args.old_default else "") + "`",
             f"Setup: {machine()}; {made:,} distinct JPEGs (64–128 px crops of the 1,720 dev photos, {origin}), "
-            f"model {args.model}, every stage a `cbir` process on the DirectRunner's default mode "
-            f"(in_memory, decode pool). Peak RSS is that process's own (wait4). The run fails if any count differs: "
-            "images made = extract inputs = ok + failed = read; ok = items indexed; items = neighbour rows.",
+            f"model {args.model}, every stage a `cbir` process on the local default runner "
+            f"(Beam's FnApiRunner, in_memory, decode pool). Peak RSS is that process's own (wait4). "
+            "The run fails if any count differs: images made = extract inputs = ok + failed = read; "
+            "ok = items indexed; items = neighbour rows.",
             table,
         ]))
     if args.work is None:
