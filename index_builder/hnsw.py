@@ -20,7 +20,11 @@ Defaults M=32, efConstruction=40, from held-out queries on 200k class-shaped vec
 (flat storage; build on 2 cores; the efSearch reaching recall@10 0.95; one-thread q/s there):
 M=16/efC=40 29 s, ef 384, 444 q/s; M=16/efC=80 60 s, ef 192, 884 q/s; M=32/efC=40 46 s, ef
 96, 1,210 q/s; M=16/efC=160 104 s, ef 192, 741 q/s. Clustered data needs the wider graph more
-than a longer build: at 1M, M=16/efC=40 needed ef 1,024.
+than a longer build: at 1M, M=16/efC=40 needed ef 1,024. Again at 1M with float16 storage
+(efC 40, same vectors and held-out queries as bench_index, one run): M=16 built in 187 s and
+reached at most recall 0.912 (ef 256); M=24 in 326 s, 0.953 at ef 128 (689 q/s); M=32 took
+379 s inside the index job and reached 0.963 at ef 96 (826 q/s). A narrower graph saves little
+build time for the recall it gives up.
 
 GPU note: faiss has no GPU HNSW; a GPU deployment would use ``faiss.index_cpu_to_gpu``
 with a flat or IVF index instead. HNSW here is the CPU path.
