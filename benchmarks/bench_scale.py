@@ -3,8 +3,8 @@
 Makes (or reuses) a corpus of small distinct JPEGs cut from the dev photos
 (``benchmarks/scale_corpus.py``; never committed), then runs each stage as its own
 ``cbir`` process on the local default runner (``pipelines.runner.LocalRunner``), exactly as
-a user would, and reports per stage: wall time, rate, peak resident memory (``wait4`` of that process) and the
-counts its manifest recorded. It fails loudly (exit 1) when any count differs:
+a user would, and reports per stage: wall time, rate, peak resident memory (``wait4`` of that
+process) and the counts its manifest recorded. It fails loudly (exit 1) when any count differs:
 images made = extract inputs = ok + failed; ok = items indexed; items = neighbour rows.
 
 ``--old-default`` also runs extract the way the project's old default did

@@ -8,9 +8,9 @@ three of five runs; one extract published 99,990 of 103,200 images and exited 0)
 Parallelism on one machine comes from inside the steps instead (the decode pool,
 TensorFlow's own threads, Annoy's build threads) or from ``multi_processing``.
 
-The DirectRunner itself is not what runs a job here: since Beam 2.6x it first downloads the
-Prism binary from GitHub and runs the job on that, and only on failure falls back to the
-FnApiRunner. On a machine with internet a job would run on a runner this project never
+The DirectRunner itself is not what runs a job here: Beam 2.77's (the pinned version) first
+downloads the Prism binary from GitHub and runs the job on that, and only on failure falls
+back to the FnApiRunner. On a machine with internet a job would run on a runner this project never
 tested, fetched as code at run time; without it, every job paid for a failed download and
 left an empty ``beam-temp*`` directory behind. So the local default (no ``--runner``, or
 ``DirectRunner``) is :class:`LocalRunner`: the FnApiRunner, as the DirectRunner builds it
