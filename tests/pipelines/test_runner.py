@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 
 import apache_beam as beam
@@ -27,11 +28,26 @@ def test_the_local_default_runs_without_trying_prism_and_leaves_no_temp_dir(args
     assert not list(tmp_path.glob("beam-temp*"))
 
 
-def test_multi_processing_workers_run_under_the_local_runner():
-    options = pipeline_options(["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+def test_multi_processing_workers_run_under_the_local_runner_with_the_job_options():
+    options = pipeline_options(["--direct_running_mode=multi_processing", "--direct_num_workers=2",
+                                "--job_name=local-runner-options-probe"])
+    here = os.getpid()
+
+    def seen_by_worker(x: int) -> tuple[int, int, str]:  # nested: pickled by value, the workers cannot import tests
+        import os
+
+        # An SDK worker process reads its pipeline options from this variable, which the runner
+        # fills from the provision info: empty when the runner is built without it.
+        return x, os.getpid(), os.environ.get("PIPELINE_OPTIONS", "")
+
+    def check(rows):
+        assert sorted(x for x, _, _ in rows) == list(range(200))
+        assert all(pid != here for _, pid, _ in rows), "elements were processed in the launcher, not in workers"
+        assert all("local-runner-options-probe" in opts for _, _, opts in rows), "workers did not get the options"
+
     with beam.Pipeline(options=options) as p:
-        doubled = p | beam.Create(range(1000)) | beam.Reshuffle() | beam.Map(lambda x: x * 2)
-        assert_that(doubled | beam.CombineGlobally(sum), equal_to([2 * sum(range(1000))]))
+        rows = p | beam.Create(range(200)) | beam.Reshuffle() | beam.Map(seen_by_worker)
+        assert_that(rows, check)
 
 
 @pytest.mark.parametrize("runner", ["PrismRunner", "DataflowRunner", "PortableRunner", "BundleBasedDirectRunner"])
