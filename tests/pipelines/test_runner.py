@@ -34,8 +34,6 @@ def test_multi_processing_workers_run_under_the_local_runner_with_the_job_option
     here = os.getpid()
 
     def seen_by_worker(x: int) -> tuple[int, int, str]:  # nested: pickled by value, the workers cannot import tests
-        import os
-
         # An SDK worker process reads its pipeline options from this variable, which the runner
         # fills from the provision info: empty when the runner is built without it.
         return x, os.getpid(), os.environ.get("PIPELINE_OPTIONS", "")
