@@ -9,7 +9,7 @@
   5° rotation, mirror, gaussian noise) as queries; self-hit@1 = the nearest corpus photo is the original.
 * **Denoising** (flowers17-dev, every tenth photo held back, the rest train ``cbir train-autoencoder --noise
   gaussian:σ,saltpepper:p,jpeg:q``): PSNR and SSIM against the clean photo at its own size, of the noisy
-  photo, the denoised one (``models.denoiser``, tiled) and two classical filters measured in the same run
+  photo, the denoised one (``models.autoencoders.denoiser``, tiled) and two classical filters measured in the same run
   (3×3 median; OpenCV non-local means), per noise kind.
 * **Noisy queries**: the held-back photos, noised, queried against the clean flowers index with
   ``cbir query`` (``pipelines.query.run_query``) without and with ``--denoise``: self-hit@1 and P@10 (the
@@ -119,7 +119,7 @@ class Pca:
 
 
 def _thumbs(blobs: list[bytes], side: int = 16) -> np.ndarray:
-    from models.imaging import decode_and_resize
+    from models.backbone.imaging import decode_and_resize
 
     return np.stack([decode_and_resize(b, side).pixels.reshape(-1).astype(np.float32) for b in blobs])
 
@@ -130,7 +130,7 @@ def _thumbs(blobs: list[bytes], side: int = 16) -> np.ndarray:
 def _variants() -> list[tuple[str, object]]:
     from PIL import Image, ImageEnhance, ImageOps
 
-    from models.pixel_noise import add_noise
+    from models.autoencoders.pixel_noise import add_noise
 
     def jpeg(im):
         buf = io.BytesIO()
@@ -162,10 +162,10 @@ def bench_retrieval(corpus: str, work: str, paths: list[str], size: int, code_di
     """Rows of retrieval quality and of near-duplicate self-hit@1 for one corpus; the pixel training manifest."""
     from PIL import Image
 
-    from models.autoencoder import NumpyEncoder
-    from models.backbone import Backbone, ModelSpec
-    from models.imaging import decode_and_resize
-    from serving.metrics import label_metrics
+    from evaluation.metrics import label_metrics
+    from models.autoencoders.feature_autoencoder import NumpyEncoder
+    from models.backbone.imaging import decode_and_resize
+    from models.backbone.network import Backbone, ModelSpec
 
     root = copy_corpus(paths, os.path.join(work, corpus, "photos"))
     features = os.path.join(work, corpus, "features")
@@ -248,8 +248,8 @@ def bench_denoising(work: str, train_paths: list[str], held: list[str], size: in
     """PSNR / SSIM per noise kind and method on the held-back photos; (rows, denoiser dir, manifest, timings)."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    from models.denoiser import Denoiser, decode_rgb
-    from models.pixel_noise import add_noise
+    from models.autoencoders.denoiser import Denoiser, decode_rgb
+    from models.autoencoders.pixel_noise import add_noise
 
     root = copy_corpus(train_paths, os.path.join(work, "flowers17-dev", "denoise-train"))
     out = os.path.join(work, "flowers17-dev", f"denoiser-{size}-e{epochs}")
@@ -281,10 +281,10 @@ def bench_denoising(work: str, train_paths: list[str], held: list[str], size: in
 
 def bench_noisy_queries(work: str, index_dir: str, held: list[str], denoiser: str) -> list[list]:
     """Self-hit@1 and P@10 of noisy held-back photos against the clean index, without and with --denoise."""
-    from models.denoiser import decode_rgb, encode_png
-    from models.pixel_noise import add_noise
+    from models.autoencoders.denoiser import decode_rgb, encode_png
+    from models.autoencoders.pixel_noise import add_noise
     from pipelines.query import run_query
-    from serving.methods import SearchOptions
+    from search.methods import SearchOptions
 
     ids = [os.path.relpath(p, os.path.join(DATA, "flowers17-dev")) for p in held]
     labels = [i.split("/", 1)[0] for i in ids]
@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict,
         f"**Denoising**: `cbir train-autoencoder --size {size} --epochs {epochs} --noise {','.join(NOISES)}` "
         f"(convolutional bottleneck) on {len(train)} flowers photos; {len(held)} held-back photos at their own size "
-        "(about 500×700), noised, then cleaned tile by tile (`models.denoiser`); PSNR / SSIM against the clean "
+        "(about 500×700), noised, then cleaned tile by tile "
+        "(`models.autoencoders.denoiser`); PSNR / SSIM against the clean "
         "photo. Baselines in the same run: the noisy photo itself, a 3×3 median filter and OpenCV's non-local means "
         f"(h 10). At the training size the job's own held-out scores were PSNR {dv['psnr']:.2f} dB denoised vs "
         f"{dv['psnr_input']:.2f} dB noisy (SSIM {dv['ssim']:.3f} vs {dv['ssim_input']:.3f}). The denoiser took "

@@ -6,7 +6,7 @@ Two sets of the same pictures, measured in one run:
 * ``12 MP``: the same photos upscaled to 12 megapixels and re-encoded as JPEG (quality 90) in a
   temporary folder, the size a phone or camera delivers.
 
-For each set, ``models.imaging.decode_and_resize`` runs in one process (one core) with
+For each set, ``models.backbone.imaging.decode_and_resize`` runs in one process (one core) with
 ``reduced_decode=False`` (the baseline: full decode, then a bilinear squash) and with
 ``reduced_decode=True`` (Pillow draft mode: the JPEG is decoded at 1/2, 1/4 or 1/8 scale in
 the DCT domain, never below the target side, then squashed), and with the reduction stopped
@@ -39,8 +39,8 @@ import numpy as np
 from PIL import Image
 
 from benchmarks._results import machine, md_table, update_section
-from models.imaging import decode_and_resize, open_image
-from serving.metrics import label_precision_at_k
+from evaluation.metrics import label_precision_at_k
+from models.backbone.imaging import decode_and_resize, open_image
 
 log = logging.getLogger("bench_decode")
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         args.photos, args.big, args.repeat = 30, 4, 1
     command = "python -m benchmarks.bench_decode " + shlex.join(argv if argv is not None else sys.argv[1:])
 
-    from models.backbone import Backbone, ModelSpec
+    from models.backbone.network import Backbone, ModelSpec
 
     backbone = Backbone(ModelSpec(args.model, weights_dir=args.weights_dir))
     if backbone.size != args.size:

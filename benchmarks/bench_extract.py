@@ -52,7 +52,7 @@ def _photos(limit: int | None) -> tuple[str, list[str]]:
 
 
 def _model_loop(spec, pixels: np.ndarray, batch: int) -> float:
-    from models.backbone import Backbone
+    from models.backbone.network import Backbone
 
     backbone = Backbone(spec)
     backbone.predict(pixels[:batch])  # trace and warm up
@@ -63,7 +63,7 @@ def _model_loop(spec, pixels: np.ndarray, batch: int) -> float:
 
 
 def _decode_rate(paths: list[str], size: int) -> tuple[float, np.ndarray]:
-    from models.imaging import decode_and_resize
+    from models.backbone.imaging import decode_and_resize
 
     blobs = [open(p, "rb").read() for p in paths]
     t = time.perf_counter()
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from models.backbone import ModelSpec
+    from models.backbone.network import ModelSpec
 
     limit = args.images or (120 if args.quick else None)
     models = ["mobilenet_v1_025"] if args.quick else args.models.split(",")

@@ -50,8 +50,8 @@ def _write_features(vectors: np.ndarray, out: Path, rows_per_part: int = 200_000
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from index_builder.manifests import ExtractCounts, FeaturesManifest, PartFile, new_run_id, utc_now
-    from transforms import publish
+    from artefacts.manifests import ExtractCounts, FeaturesManifest, PartFile, new_run_id, utc_now
+    from plumbing import publish
     from transforms.features_io import feature_schema
 
     n, dim = vectors.shape
@@ -97,7 +97,7 @@ def _dev_features(workdir: Path, given: str | None) -> str:
 
 def _search_one_by_one(searcher, queries: np.ndarray, **opts: Any) -> tuple[np.ndarray, float]:
     """Top-K of each query searched alone, with one options record as a service holds it: (ids, q/s)."""
-    from serving.methods import SearchOptions
+    from search.methods import SearchOptions
 
     options = SearchOptions(k=K, **opts)
     out = np.full((len(queries), K), -1, np.int64)
@@ -118,7 +118,7 @@ def _hnswlib_peer(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, want
         import hnswlib
     except ImportError:
         return None
-    from serving.metrics import recall_at_k
+    from evaluation.metrics import recall_at_k
 
     started = time.perf_counter()
     index = hnswlib.Index(space="ip", dim=base.shape[1])
@@ -144,12 +144,12 @@ def _measure(index_dir: str, queries_raw: np.ndarray, label: str, m: int, ef_c: 
     """Per method: recall@K on held-out queries (not in the index) and one-thread queries/s."""
     import faiss
 
-    from serving.metrics import recall_at_k
-    from serving.searcher import Searcher
+    from evaluation.metrics import recall_at_k
+    from search.searcher import Searcher
 
     faiss.omp_set_num_threads(1)
     with Searcher(index_dir, verify=False, threads=1) as s:
-        from serving.index_files import load_transform
+        from search.index_files import load_transform
 
         q = load_transform(s.version_dir, s.manifest)(queries_raw)
         truth, _ = s.search_arrays(q, k=K, method="exact", batch_size=256)
@@ -170,8 +170,8 @@ def _measure(index_dir: str, queries_raw: np.ndarray, label: str, m: int, ef_c: 
 
 
 def _leave_one_out_dev(index_dir: str) -> dict[str, Any]:
-    from serving.metrics import recall_at_k
-    from serving.searcher import Searcher
+    from evaluation.metrics import recall_at_k
+    from search.searcher import Searcher
 
     with Searcher(index_dir, verify=False, threads=1) as s:
         v = s.all_vectors()
@@ -189,9 +189,9 @@ def _leave_one_out_dev(index_dir: str) -> dict[str, Any]:
 
 def _neighbour_recall(neighbors_dir: Path, index_dir: str, sample: int = 500) -> float:
     """recall@K of the published neighbour table's rows against exact leave-one-out search."""
+    from evaluation.metrics import recall_at_k
     from pipelines.neighbors import read_neighbors
-    from serving.metrics import recall_at_k
-    from serving.searcher import Searcher
+    from search.searcher import Searcher
 
     table = read_neighbors(str(neighbors_dir))
     rows = dict(zip(table.column("image_id").to_pylist(), table.column("neighbor_ids").to_pylist(), strict=True))

@@ -129,7 +129,7 @@ def _corpus(work: Path) -> Path:
 
 
 def _extract(input_dir: str, out: Path, local_features: int = 0) -> float:
-    from models.backbone import ModelSpec
+    from models.backbone.network import ModelSpec
     from pipelines import extract
 
     if (out / "MANIFEST.json").exists():
@@ -160,10 +160,10 @@ def _index(features: Path, out: Path, **kw: Any) -> Path:
 
 
 def copies(work: Path, n_copies: int) -> dict[str, Any]:
+    from inspection.sheet import contact_sheet, save_png
     from pipelines.query import run_query
-    from serving.methods import SearchOptions
-    from serving.sheet import contact_sheet, save_png
-    from transforms import fsutil
+    from plumbing import fsutil
+    from search.methods import SearchOptions
 
     corpus = _corpus(work)
     extract_s = _extract(str(corpus), work / "copy-features", LOCAL_K)
@@ -207,10 +207,11 @@ def categories(work: Path, quick: bool) -> list[dict[str, Any]]:
     """Per dev set: every configuration on the plain and the DBA index, with plain query vectors."""
     import pyarrow.parquet as pq
 
-    from serving import rerank, rerank_eval
-    from serving.index_files import load_transform
-    from serving.methods import SearchOptions
-    from serving.searcher import Searcher, normalise_rows
+    from evaluation import rerank_eval
+    from search import rerank
+    from search.index_files import load_transform
+    from search.methods import SearchOptions
+    from search.searcher import Searcher, normalise_rows
 
     results = []
     for name in SETS[:1] if quick else SETS:
@@ -249,8 +250,8 @@ def categories(work: Path, quick: bool) -> list[dict[str, Any]]:
 
 def latency(work: Path) -> dict[str, float]:
     """ms per query, one query at a time on one thread, at 100 candidates, on the flowers PCA-128 index."""
-    from serving.methods import SearchOptions
-    from serving.searcher import Searcher
+    from search.methods import SearchOptions
+    from search.searcher import Searcher
 
     index_dir = work / SETS[0] / f"index-DBA{DBA_K}"
     out = {}
@@ -293,8 +294,8 @@ def diffusion_growth(work: Path, sizes: tuple[int, ...]) -> list[dict[str, Any]]
     """Diffusion's cost at a fixed 100 candidates on indexes of growing size (synthetic, real job)."""
     from benchmarks.bench_index import _write_features
     from benchmarks.synthetic import SyntheticModel, synthetic_dataset
-    from serving.methods import SearchOptions
-    from serving.searcher import Searcher
+    from search.methods import SearchOptions
+    from search.searcher import Searcher
 
     with Searcher(str(work / SETS[0] / "index-plain")) as s:
         model = SyntheticModel.fit(s.all_vectors(), s.labels)
@@ -326,7 +327,8 @@ def diffusion_growth(work: Path, sizes: tuple[int, ...]) -> list[dict[str, Any]]
 
 def _report(copy: dict[str, Any], cats: list[dict[str, Any]], lat: dict[str, float], growth: list[dict[str, Any]],
             argv: list[str]) -> str:
-    from serving import rerank, rerank_eval
+    from evaluation import rerank_eval
+    from search import rerank
 
     fb = rerank.FeedbackWeights()
     plain = copy["global descriptor only"]

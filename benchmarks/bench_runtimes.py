@@ -2,7 +2,7 @@
 
 In one run on the same photos and weights:
 
-1. **bare runtimes**: each runtime of ``models/runtimes.py`` (keras ``predict_on_batch``, the
+1. **bare runtimes**: each runtime of ``models/backbone/runtimes.py`` (keras ``predict_on_batch``, the
    traced graph, XLA, LiteRT with XNNPACK) and OpenVINO as a peer (converted from the same
    traced graph) on already-decoded pixels, at several batch sizes, warm, best of
    ``--repeat`` passes; max |Δ| of the features to Keras on the same pixels;
@@ -88,8 +88,8 @@ def openvino_runner(backbone) -> tuple[object, float]:
 def bare_runtimes(spec, pixels: np.ndarray, batches: list[int], repeat: int, only: tuple[str, ...]
                   ) -> tuple[list[list], dict[str, float]]:
     """Rows of the bare table and images/s per runtime at the largest batch."""
-    from models import runtimes
-    from models.backbone import Backbone
+    from models.backbone import runtimes
+    from models.backbone.network import Backbone
 
     rows, best = [], {}
     probe = pixels[:16]
@@ -127,8 +127,8 @@ def decode_costs(paths: list[str], size: int, spec, repeat: int) -> tuple[list[l
     import cv2
     from PIL import Image
 
-    from models.backbone import Backbone
-    from models.imaging import decode_and_resize
+    from models.backbone.imaging import decode_and_resize
+    from models.backbone.network import Backbone
 
     cv2.setNumThreads(1)
     blobs = [open(p, "rb").read() for p in paths]
@@ -194,8 +194,8 @@ def decode_costs(paths: list[str], size: int, spec, repeat: int) -> tuple[list[l
 
 def bare_loop(spec, paths: list[str], batch: int) -> float:
     """Images/s of the decode pool (one thread per core) feeding the default runtime, no Beam."""
-    from models.backbone import Backbone
-    from models.imaging import decode_and_resize
+    from models.backbone.imaging import decode_and_resize
+    from models.backbone.network import Backbone
 
     backbone = Backbone(dataclasses.replace(spec, runtime="auto"))
     backbone.resolve_runtime()
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["CBIR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-runtimes-cache-")  # conversions are measured
-    from models.backbone import ModelSpec
+    from models.backbone.network import ModelSpec
 
     models = ["mobilenet_v1_025"] if args.quick else args.models.split(",")
     sizes = dict(x.split("=") for x in args.extract_images.split(","))

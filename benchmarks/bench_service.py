@@ -53,8 +53,8 @@ def _free_port() -> int:
 
 def direct_baseline(index_dir: str, ids: list[str], photos: list[bytes]) -> list[list]:
     """The searcher in this process, one query at a time: the floor the service is measured against."""
-    from serving.methods import SearchOptions
-    from serving.searcher import Searcher
+    from search.methods import SearchOptions
+    from search.searcher import Searcher
 
     rows = []
     with Searcher(index_dir, verify=False) as s:
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = sorted(glob.glob(os.path.join(DATA, "flowers17-dev", "*", "*.jpg")))
     rng = np.random.default_rng(0)
     photos = [Path(p).read_bytes() for p in rng.choice(paths, size=min(len(paths), 40), replace=False)]
-    from serving.index_files import resolve
+    from search.index_files import resolve
 
     version, _ = resolve(index_dir)
     import pyarrow.parquet as pq

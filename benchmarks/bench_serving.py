@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from benchmarks._results import machine, md_table, update_section
-from serving.metrics import recall_at_k
+from evaluation.metrics import recall_at_k
 
 log = logging.getLogger("bench_serving")
 
@@ -60,7 +60,7 @@ def _index(features: str, out: str, shards: int, dims: int, trees: int) -> str:
 
 def real_index(name: str, work: str, shards: int = 2) -> str:
     """flowers17-dev / imagenette-dev through cbir extract (MobileNet v1 0.25) and cbir index."""
-    from models.backbone import ModelSpec
+    from models.backbone.network import ModelSpec
     from pipelines import extract
 
     features = os.path.join(work, name, "features")
@@ -148,7 +148,7 @@ def brute_force(matrix: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 def bench_vectors(index_dir: str, n_queries: int, batch_queries: int, seed: int = 1) -> list[list]:
     """Rows: shards, method, p50, p99 (single query), batch queries/s, recall@10 vs exact."""
-    from serving.searcher import Searcher, normalise_rows
+    from search.searcher import Searcher, normalise_rows
 
     rows = []
     with Searcher(index_dir, verify=False) as s:
@@ -190,7 +190,7 @@ def bench_vectors(index_dir: str, n_queries: int, batch_queries: int, seed: int 
 
 def bench_images(index_dir: str, corpus: str, n_images: int) -> tuple[list[list], str]:
     """p50/p99 of embed (decode + backbone + transform_fn) and search, one photo at a time."""
-    from serving.searcher import Searcher
+    from search.searcher import Searcher
 
     paths = sorted(glob.glob(os.path.join(DATA, corpus, "*", "*.jpg")))
     paths = paths[:: max(1, len(paths) // (n_images + 2))][: n_images + 2]
@@ -226,8 +226,8 @@ def bench_images(index_dir: str, corpus: str, n_images: int) -> tuple[list[list]
 def bench_quality(index_dir: str, corpus: str, qe: int) -> list[list]:
     """Rows: corpus, configuration, full-ranking mAP, mAP@100, P@10, recall@100 vs exact (same QE)."""
     from pipelines.evaluate import EvaluateConfig, evaluate
-    from serving.methods import SearchOptions
-    from serving.searcher import Searcher
+    from search.methods import SearchOptions
+    from search.searcher import Searcher
 
     rows = []
     with Searcher(index_dir, verify=False) as s:

@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import tensorflow as tf
 
-    from models import export, graph_decode
-    from models.backbone import Backbone, ModelSpec
-    from models.imaging import decode_and_resize
+    from models.backbone import export, graph_decode
+    from models.backbone.imaging import decode_and_resize
+    from models.backbone.network import Backbone, ModelSpec
 
     photos = _photos(Path(args.data_dir), 24 if args.quick else None)
     blobs = [b for _, b in photos]

@@ -24,7 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from annoy import AnnoyIndex
 
-from index_builder import calibration, hnsw, layout, local_store, lsh
+from artefacts import layout
+from index_builder import calibration, hnsw, local_store, lsh
 
 log = logging.getLogger(__name__)
 

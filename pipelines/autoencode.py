@@ -24,13 +24,14 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from index_builder.manifests import Accounting, ExtractCounts, FeaturesManifest, new_run_id, utc_now
-from index_builder.vector_space import encoder_fingerprint
-from models import autoencoder
-from models.weights import file_digest
+from artefacts.manifests import Accounting, ExtractCounts, FeaturesManifest, new_run_id, utc_now
+from artefacts.vector_space import encoder_fingerprint
+from models.autoencoders import feature_autoencoder as autoencoder
+from models.backbone.weights import file_digest
 from pipelines.runner import pipeline_options
-from transforms import features_io, fsutil
-from transforms import publish as protocol
+from plumbing import fsutil
+from plumbing import publish as protocol
+from transforms import features_io
 from transforms.feature_sets import feature_files, read_features_manifest
 from transforms.records import FeatureRow, ImageMeta
 
@@ -112,7 +113,7 @@ def _publish(output: str, run_id: str, staging: str, encoder_dir: str, source: F
     staged = protocol.count_staged(staging, ["features"], run_id)
     rows = sum(p.rows for _, p in staged["features"])
     rows_in = sum(p.rows for p in source.parts("features"))
-    from transforms import job_metrics
+    from plumbing import job_metrics
 
     encoded = job_metrics.collect(result, ("cbir",), distributions=False).get("encoded")
     checked = {"source rows": rows_in, "encoded (counter)": encoded, "rows written": rows}

@@ -63,12 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or usage: the message says what and how to fix it."""
-    from index_builder.layout import IndexIntegrityError
-    from index_builder.manifests import ManifestError
-    from index_builder.signing import SignatureError
-    from models.weights import WeightsNotFoundError
-    from serving.compatibility import ModelMismatchError, TransformMismatchError
-    from transforms.lease import LeaseHeldError
+    from artefacts.layout import IndexIntegrityError
+    from artefacts.manifests import ManifestError
+    from artefacts.signing import SignatureError
+    from models.backbone.weights import WeightsNotFoundError
+    from plumbing.lease import LeaseHeldError
+    from search.compatibility import ModelMismatchError, TransformMismatchError
 
     return (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ManifestError, IndexIntegrityError,
             WeightsNotFoundError, ModelMismatchError, TransformMismatchError, SignatureError, LeaseHeldError)
@@ -95,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             f"unrecognised arguments: {' '.join(extra)}")
         if problem:
             sub_parser.error(problem)
+    from evaluation.gate import GateFailedError
     from pipelines.extract import TooManyFailuresError
-    from serving.gate import GateFailedError
-    from transforms.publish import PublishRefusedError
+    from plumbing.publish import PublishRefusedError
 
     try:
         return int(args.handler(args, extra) or 0)

@@ -3,7 +3,7 @@
 ``cbir compare --index IDX OLD NEW`` compares two versions of one index (``LATEST`` and
 ``PREVIOUS``, the complete version before it, are accepted as names); ``cbir compare OLD_DIR
 NEW_DIR`` compares two index folders (their ``LATEST``) or two version folders. The figures
-are defined in ``serving/compare.py``. Not a Beam job: it runs where the indexes are (a copy
+are defined in ``evaluation/compare.py``. Not a Beam job: it runs where the indexes are (a copy
 is made first when one lives on an object store).
 """
 
@@ -15,11 +15,11 @@ import logging
 import os
 from typing import Any
 
-from index_builder import layout
-from serving import index_files
-from serving.compare import CompareConfig, compare, format_markdown, plot_overlap
-from serving.searcher import Searcher
-from transforms import fsutil
+from artefacts import layout
+from evaluation.compare import CompareConfig, compare, format_markdown, plot_overlap
+from plumbing import fsutil
+from search import index_files
+from search.searcher import Searcher
 
 log = logging.getLogger(__name__)
 

@@ -113,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("apache_beam", "absl", "tensorflow", "root", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from models.backbone import ModelSpec
+    from models.backbone.network import ModelSpec
     from pipelines import extract, index
     from pipelines.query import format_table, run_query
-    from serving.methods import SearchOptions
+    from search.methods import SearchOptions
     from transforms.inference import BatchingOptions
 
     out = os.path.abspath(args.output)

@@ -1,7 +1,7 @@
 """``cbir denoise --model DIR IMAGE… --output OUT``: cleaned copies of images, each at its own size, as PNG.
 
 ``DIR`` is a ``cbir train-autoencoder --noise`` output; the network is rebuilt from its weights
-data (``models.denoiser``), never loaded as code. Each image is read with the readers' limits
+data (``models.autoencoders.denoiser``), never loaded as code. Each image is read with the readers' limits
 (regular files only, size checked before reading), decoded by the product's rules at full size,
 cleaned tile by tile and written as ``OUT/<name>.png`` (lossless: a JPEG would add back the
 artefacts just removed). Two inputs with the same name get ``-2``, ``-3``… suffixes, and an
@@ -19,8 +19,8 @@ import sys
 import time
 from typing import Any
 
-from models.imaging import DEFAULT_MAX_PIXELS
-from transforms import fsutil
+from models.backbone.imaging import DEFAULT_MAX_PIXELS
+from plumbing import fsutil
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def output_names(images: list[str]) -> list[str]:
 
 
 def run(model: str, images: list[str], output: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> DenoiseResult:
-    from models.denoiser import Denoiser, decode_rgb, encode_png
+    from models.autoencoders.denoiser import Denoiser, decode_rgb, encode_png
 
     targets = [fsutil.join(output, name) for name in output_names(images)]
     def same(path: str) -> str:

@@ -4,7 +4,7 @@ Every query is an indexed item (all of them, or ``--sample N`` of them), searche
 with itself left out:
 
 * label metrics over the *full exact ranking* of the stored vectors: mAP,
-  precision@1/5/10 and a precision–recall curve (``serving.metrics`` holds the
+  precision@1/5/10 and a precision–recall curve (``evaluation.metrics`` holds the
   definitions); with ``--qe N`` also for queries expanded with their exact top N;
 * for each approximate method (Annoy, LSH, both): recall@k against exact search
   over the same vectors, P@k and mAP@k of the lists it returns, and queries per
@@ -28,10 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from serving import index_files, metrics, rerank_eval
-from serving.methods import SearchOptions
-from serving.searcher import Searcher, normalise_rows
-from transforms import fsutil
+from evaluation import metrics, rerank_eval
+from plumbing import fsutil
+from search import index_files
+from search.methods import SearchOptions
+from search.searcher import Searcher, normalise_rows
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class EvaluateConfig:
     verify: bool = True
     plot: str | None = None
     signing_key: bytes | None = None
-    configurations: bool = True  # every re-ranking configuration the index supports (serving.rerank_eval)
+    configurations: bool = True  # every re-ranking configuration the index supports (evaluation.rerank_eval)
     feedback_rounds: int = 0  # simulated relevance-feedback rounds (precision@10 after each)
 
 

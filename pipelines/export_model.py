@@ -17,13 +17,13 @@ import os
 import sys
 from typing import Any
 
-from index_builder import layout
-from index_builder.vector_space import transform_fingerprint
-from models.backbone import ModelSpec
-from models.export import ExportError, IndexTransform, existing_versions, export_savedmodel
-from models.imaging import DEFAULT_MAX_PIXELS
-from models.presets import PRESETS
-from serving import index_files
+from artefacts import layout
+from artefacts.vector_space import transform_fingerprint
+from models.backbone.export import ExportError, IndexTransform, existing_versions, export_savedmodel
+from models.backbone.imaging import DEFAULT_MAX_PIXELS
+from models.backbone.network import ModelSpec
+from models.backbone.presets import PRESETS
+from search import index_files
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ The launcher lists the inputs (files, or shard files) and writes the listing und
 and shard readers report a tally per shard. Before anything is published the
 launcher checks that inputs (listed files, or the shards' tallies) = ``read`` (Beam
 counter) = rows written in the feature and failure parts; a run that lost elements
-is refused (:class:`~transforms.publish.PublishRefusedError`) and the previous output
+is refused (:class:`~plumbing.publish.PublishRefusedError`) and the previous output
 stays. Then the parts move in, the manifest is replaced atomically (the commit
-point), and parts of earlier runs are deleted (``transforms.publish``).
+point), and parts of earlier runs are deleted (``plumbing.publish``).
 """
 
 from __future__ import annotations
@@ -27,17 +27,18 @@ from typing import Any
 
 import apache_beam as beam
 
-from index_builder.manifests import ExtractCounts, FeaturesManifest, new_run_id, utc_now
-from models.backbone import ModelSpec
-from models.imaging import DEFAULT_MAX_PIXELS
+from artefacts.manifests import ExtractCounts, FeaturesManifest, new_run_id, utc_now
+from models.backbone.imaging import DEFAULT_MAX_PIXELS
+from models.backbone.network import ModelSpec
 from pipelines.runner import pipeline_options
-from transforms import features_io, fsutil, job_metrics, publish
+from plumbing import fsutil, job_metrics, publish
+from plumbing.progress import LogProgressFn
+from transforms import features_io
 from transforms.decode import DecodeFn
 from transforms.feature_sets import feature_files, read_features_manifest
 from transforms.incremental import ReuseFeatures, reusable
 from transforms.inference import BatchingOptions, ExtractFeatures
 from transforms.local_features import LocalFeaturesFn, WriteLocalParquet
-from transforms.progress import LogProgressFn
 from transforms.readers import InputSpec, ListedFile, ReadImages, write_listing
 from transforms.readers.accounting import TALLIES_DIR, count_inputs
 from transforms.records import FAILURES_TAG
@@ -124,11 +125,11 @@ def _preflight_runtime(spec: ModelSpec) -> None:
     """An explicitly named runtime that cannot run fails here, before any work, never on a worker.
 
     For litert this also converts the model once on the launcher: the flatbuffer cache
-    (models/runtimes.py) then serves every local worker, and remote ones convert once each.
+    (models/backbone/runtimes.py) then serves every local worker, and remote ones convert once each.
     """
     requested = spec.requested_runtime()
     if requested in ("keras", "litert"):
-        from models.backbone import Backbone
+        from models.backbone.network import Backbone
 
         Backbone(spec).runner(requested)
 
@@ -136,7 +137,7 @@ def _preflight_runtime(spec: ModelSpec) -> None:
 def _feature_dim(spec: ModelSpec) -> int:
     if not spec.is_savedmodel:
         return spec.preset().dim
-    from models.backbone import Backbone
+    from models.backbone.network import Backbone
 
     return Backbone(spec).dim  # a SavedModel declares no dimension: ask it once on the launcher
 
@@ -245,7 +246,7 @@ def _check_local(parts: list[tuple[str, Any]], records: int, cfg: ExtractConfig)
         counts = features_io.read_table(src, ["keypoints"]).column("keypoints").to_numpy()
         with_keypoints += int((counts > 0).sum())
         keypoints += int(counts.sum())
-    from models.local_features import DEFAULT_MAX_SIDE, DETECTOR
+    from models.backbone.local_features import DEFAULT_MAX_SIDE, DETECTOR
 
     return {"detector": DETECTOR, "max_keypoints": cfg.local_features, "max_side": DEFAULT_MAX_SIDE,
             "rows": rows, "with_keypoints": with_keypoints, "keypoints": keypoints}

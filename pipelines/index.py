@@ -31,8 +31,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from index_builder import augment, calibration, hnsw, layout, local_store, lsh, signing
-from index_builder.manifests import (
+from artefacts import layout, signing
+from artefacts.manifests import (
     Accounting,
     AnnoyParams,
     Dimension,
@@ -44,8 +44,7 @@ from index_builder.manifests import (
     TransformInfo,
     utc_now,
 )
-from index_builder.shard import DEFAULT_ON_DISK_BYTES, INDEX_TYPES, ShardParams
-from index_builder.transform import (
+from artefacts.transform import (
     BIAS_FILE,
     CHECK_TOLERANCE,
     PROJECTION_FILE,
@@ -53,10 +52,13 @@ from index_builder.transform import (
     max_difference,
     probe_matrices,
 )
+from evaluation import gate
+from index_builder import augment, calibration, hnsw, local_store, lsh
+from index_builder.shard import DEFAULT_ON_DISK_BYTES, INDEX_TYPES, ShardParams
 from pipelines.runner import pipeline_options
-from serving import gate
-from transforms import fsutil, job_metrics
-from transforms import publish as protocol
+from plumbing import fsutil, job_metrics
+from plumbing import publish as protocol
+from plumbing.lease import Lease
 from transforms.feature_sets import feature_files, read_features_manifest
 from transforms.index_build import (
     ATTEMPTS,
@@ -68,7 +70,6 @@ from transforms.index_build import (
     make_preprocessing_fn,
     tensor_adapter_config,
 )
-from transforms.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +352,7 @@ def _copy_encoder(features_manifest: FeaturesManifest, staging: str) -> None:
     encoder = features_manifest.encoder
     if not encoder:
         return
-    from models.autoencoder import ENCODER_DATA_DIR, weights_digest
+    from models.autoencoders.feature_autoencoder import ENCODER_DATA_DIR, weights_digest
 
     source = fsutil.join(encoder["path"], encoder.get("weights", ENCODER_DATA_DIR))
     local = fsutil.localise_tree(source)
@@ -565,8 +566,8 @@ GATE_SUFFIX = ".gate.json"  # <output>/<version>.gate.json: the gate's report be
 
 def _gate(cfg: IndexConfig, version: str) -> dict[str, Any]:
     """Measures the committed version; raises GateFailedError (LATEST untouched) when a condition fails."""
-    from serving import index_files
-    from serving.searcher import Searcher
+    from search import index_files
+    from search.searcher import Searcher
 
     conditions = gate.parse_conditions(cfg.gate)
     queries = gate.read_gate_queries(fsutil.read_bytes(cfg.gate_queries)) if cfg.gate_queries else None

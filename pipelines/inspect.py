@@ -39,9 +39,9 @@ def register(sub) -> None:
 
 
 def _projector(args: argparse.Namespace, _beam_args) -> int:
-    from serving.projector import write_projector
-    from serving.searcher import Hit, Searcher
-    from transforms import fsutil
+    from inspection.projector import write_projector
+    from plumbing import fsutil
+    from search.searcher import Hit, Searcher
 
     searcher = Searcher(args.index)
     items = list(searcher.items())
@@ -61,9 +61,9 @@ def _projector(args: argparse.Namespace, _beam_args) -> int:
 
 
 def _filters(args: argparse.Namespace, _beam_args) -> int:
-    from models.backbone import Backbone, ModelSpec
-    from models.filters import filter_grid, first_conv_kernels
-    from models.layers import keras_model_of
+    from models.backbone.network import Backbone, ModelSpec
+    from models.inside.filters import filter_grid, first_conv_kernels
+    from models.inside.layers import keras_model_of
 
     if args.mode == "kernels" and (args.layer or args.channels):
         raise ValueError("--layer and --channels are for --mode ascent")
@@ -81,7 +81,7 @@ def _filters(args: argparse.Namespace, _beam_args) -> int:
 def _write_png(path: str, image) -> None:
     import io
 
-    from transforms import fsutil
+    from plumbing import fsutil
 
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -92,9 +92,9 @@ def _ascent(args: argparse.Namespace, backbone) -> int:
     import dataclasses
     import posixpath
 
-    from models.ascent import AscentOptions, ascend_filters, ascent_grid
-    from models.layers import LayerModel
-    from transforms import fsutil
+    from models.inside.ascent import AscentOptions, ascend_filters, ascent_grid
+    from models.inside.layers import LayerModel
+    from plumbing import fsutil
 
     if not args.output.lower().endswith(".png"):
         raise ValueError(f"--output {args.output}: give a .png path")

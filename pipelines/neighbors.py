@@ -30,8 +30,8 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from index_builder import layout
-from index_builder.manifests import (
+from artefacts import layout
+from artefacts.manifests import (
     Accounting,
     IndexManifest,
     NeighborsCounts,
@@ -40,13 +40,14 @@ from index_builder.manifests import (
     new_run_id,
     utc_now,
 )
-from index_builder.vector_space import space_fingerprint
+from artefacts.vector_space import space_fingerprint
 from pipelines.runner import pipeline_options
-from serving import index_files
-from serving.neighbors import SCHEMA, DuplicateGroups, NeighborOptions, chunks, neighbor_table
-from serving.searcher import Searcher
-from transforms import features_io, fsutil, job_metrics
-from transforms import publish as protocol
+from plumbing import fsutil, job_metrics
+from plumbing import publish as protocol
+from search import index_files
+from search.neighbors import SCHEMA, DuplicateGroups, NeighborOptions, chunks, neighbor_table
+from search.searcher import Searcher
+from transforms import features_io
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from models.presets import PRESETS
-from serving.methods import LSH_RADIUS, SearchOptions
+from models.backbone.presets import PRESETS
+from search.methods import LSH_RADIUS, SearchOptions
 
 SEARCH_METHODS = ("auto", "hnsw", "annoy", "lsh", "both", "exact")
 
@@ -97,8 +97,8 @@ def add_model_args(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def add_runtime_arg(p: argparse.ArgumentParser) -> None:
-    """``--runtime``: how the backbone runs (models/runtimes.py); the vectors match Keras within 1e-4."""
-    from models.runtimes import CHOICES, PARITY_TOLERANCE
+    """``--runtime``: how the backbone runs (models/backbone/runtimes.py); the vectors match Keras within 1e-4."""
+    from models.backbone.runtimes import CHOICES, PARITY_TOLERANCE
 
     p.add_argument("--runtime", choices=CHOICES, default="auto",
                    help="run the backbone as keras, a traced graph, xla, or litert (XNNPACK); auto (default): on "
@@ -150,7 +150,7 @@ def add_signing_arg(p: argparse.ArgumentParser) -> None:
 
 
 def signing_key(args: argparse.Namespace) -> bytes | None:
-    from index_builder.signing import load_key
+    from artefacts.signing import load_key
 
     return load_key(args.signing_key) if getattr(args, "signing_key", None) else None
 
@@ -166,7 +166,7 @@ def search_options(args: argparse.Namespace, **overrides) -> SearchOptions:
         "verify_votes": not getattr(args, "no_verify_votes", False),
     }
     if getattr(args, "feedback_weights", None) or getattr(args, "feedback_kernel", None):
-        from serving.rerank import FeedbackWeights
+        from search.rerank import FeedbackWeights
 
         text, kernel = getattr(args, "feedback_weights", None), getattr(args, "feedback_kernel", None)
         weights = FeedbackWeights.parse(text) if text else FeedbackWeights()

@@ -15,11 +15,11 @@ import sys
 import time
 from typing import Any
 
-from serving.embedder import open_embedder
-from serving.methods import SearchOptions
-from serving.searcher import Searcher
-from serving.sheet import contact_sheet, save_png
-from transforms import fsutil
+from inspection.sheet import contact_sheet, save_png
+from plumbing import fsutil
+from search.embedder import open_embedder
+from search.methods import SearchOptions
+from search.searcher import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _clean_before_embedding(embedder: Any, model_dir: str) -> None:
     """``--denoise DIR``: every query image is cleaned by that denoiser, at its own size exactly as
     ``cbir denoise`` writes it (PNG), before the embedder decodes and embeds it. Bytes that do not
     decode are passed on unchanged, so the embedder reports them as it always does."""
-    from models.denoiser import Denoiser, decode_rgb, encode_png
+    from models.autoencoders.denoiser import Denoiser, decode_rgb, encode_png
 
     denoiser = Denoiser.load(model_dir, read=fsutil.read_bytes)
     embed_bytes = embedder.embed_bytes
@@ -98,7 +98,7 @@ def run_query(
     if serving is None:
         embedder = open_embedder(searcher.version_dir, searcher.manifest, weights_dir, model=model, runtime=runtime)
     else:
-        from serving.client import ServingEmbedder, make_client
+        from search.tf_serving import ServingEmbedder, make_client
 
         client = make_client(serving.address, serving.protocol, serving.model_name, serving.signature,
                              timeout=serving.timeout)
@@ -194,7 +194,7 @@ def register(subparsers: Any) -> None:
 
 def main(args: Any, beam_args: list[str]) -> int:
     from pipelines.options import search_options, signing_key
-    from serving.client import ServingError
+    from search.tf_serving import ServingError
 
     serving = None
     if args.serving:

@@ -4,7 +4,7 @@ Binds 127.0.0.1 by default: exposing it on another interface is a choice (``--ho
 then a bearer token (``--token-file``) is what stands between the network and the index's
 photos. The first version is opened (and every file digest checked) before the socket is
 bound, so a service that starts is a service that can answer; later versions are picked up
-every ``--poll-seconds`` (see ``serving/service/versions.py``).
+every ``--poll-seconds`` (see ``serving/versions.py``).
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def _is_loopback(host: str) -> bool:
 
 def build(cfg: ServeConfig) -> Any:
     """The application over the first opened version (raises when it cannot be opened)."""
-    from serving.service.app import ServiceConfig, make_app
-    from serving.service.versions import OpenOptions, VersionFollower
+    from serving.app import ServiceConfig, make_app
+    from serving.versions import OpenOptions, VersionFollower
 
     token = read_token(cfg.token_file) if cfg.token_file else None
     service = ServiceConfig(workers=cfg.workers or max(1, os.cpu_count() or 1), queue=cfg.queue,
@@ -87,7 +87,7 @@ def build(cfg: ServeConfig) -> Any:
 
 
 def run(cfg: ServeConfig) -> int:
-    from serving.service.server import serve_forever
+    from serving.server import serve_forever
 
     app = build(cfg)
 

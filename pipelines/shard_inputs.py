@@ -41,10 +41,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from index_builder.manifests import PackedShard, ShardsCounts, ShardsManifest, new_run_id, utc_now
+from artefacts.manifests import PackedShard, ShardsCounts, ShardsManifest, new_run_id, utc_now
 from pipelines.runner import pipeline_options
-from transforms import fsutil
-from transforms import publish as protocol
+from plumbing import fsutil
+from plumbing import publish as protocol
 from transforms.readers.common import IMAGE_EXTENSIONS, is_visible, label_from_id, relative_id
 from transforms.readers.tfrecord import encode_example, write_tfrecord
 

@@ -26,12 +26,12 @@ from typing import Any, ClassVar
 
 import apache_beam as beam
 
-from index_builder.manifests import Accounting, Manifest, PartFile, new_run_id, utc_now
-from models.backbone import Backbone, ModelSpec
-from models.imaging import DEFAULT_MAX_PIXELS
-from models.layers import LayerModel
+from artefacts.manifests import Accounting, Manifest, PartFile, new_run_id, utc_now
+from models.backbone.imaging import DEFAULT_MAX_PIXELS
+from models.backbone.network import Backbone, ModelSpec
+from models.inside.layers import LayerModel
 from pipelines.runner import pipeline_options
-from transforms import fsutil, job_metrics, publish
+from plumbing import fsutil, job_metrics, publish
 from transforms.decode import DecodeFn
 from transforms.features_io import WriteFailureParquet
 from transforms.readers import InputSpec, ReadImages, write_listing

@@ -43,11 +43,8 @@ from typing import Any
 
 import apache_beam as beam
 
-from index_builder.manifests import FileDigest, new_run_id, utc_now
-from models import pixel_autoencoder as pa
-from models.autoencoder_pictures import loss_curve_png, reconstruction_sheet_png
-from models.imaging import DEFAULT_MAX_PIXELS, RESIZE_METHOD
-from models.pixel_autoencoder_manifest import (
+from artefacts.manifests import FileDigest, new_run_id, utc_now
+from artefacts.pixel_autoencoder_manifest import (
     KIND_AUTOENCODER,
     KIND_DENOISING,
     PixelAutoencoderManifest,
@@ -56,8 +53,12 @@ from models.pixel_autoencoder_manifest import (
     SavedModelInfo,
     WeightsInfo,
 )
+from models.autoencoders import pixel_autoencoder as pa
+from models.autoencoders.pictures import loss_curve_png, reconstruction_sheet_png
+from models.backbone.imaging import DEFAULT_MAX_PIXELS, RESIZE_METHOD
 from pipelines.runner import pipeline_options
-from transforms import features_io, fsutil, job_metrics, publish
+from plumbing import fsutil, job_metrics, publish
+from transforms import features_io
 from transforms.decode import DecodeFn
 from transforms.pixel_shards import (
     WritePixelShards,
@@ -179,7 +180,7 @@ def run(cfg: TrainAutoencoderConfig, beam_args: list[str] | None = None) -> Pixe
             config=m.to_dict(),
             fingerprint=pa.model_fingerprint(m, artefacts["digest"]),
             decode={"size": m.size, "resize": RESIZE_METHOD, "reduced_decode": cfg.reduced_decode,
-                    "max_pixels": cfg.max_pixels, "decoder": "models.imaging (Pillow)"},
+                    "max_pixels": cfg.max_pixels, "decoder": "models.backbone.imaging (Pillow)"},
             counts=counts,
             accounting=accounting,
             weights=WeightsInfo(pa.WEIGHTS_DIR, artefacts["digest"], artefacts["weights"]),
@@ -369,7 +370,7 @@ def register(subparsers: Any) -> None:
 
 
 def config_from_args(args: Any) -> TrainAutoencoderConfig:
-    from models.pixel_noise import parse_noise
+    from models.autoencoders.pixel_noise import parse_noise
 
     noise = parse_noise(args.noise)
     code_dim = args.code_dim if args.code_dim is not None else (0 if noise else 128)

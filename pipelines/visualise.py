@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from transforms import fsutil
+from plumbing import fsutil
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _index_args(p: argparse.ArgumentParser) -> None:
 
 def _open(args: argparse.Namespace):
     from pipelines.options import signing_key
-    from serving.searcher import Searcher
+    from search.searcher import Searcher
 
     return Searcher(args.index, version=args.version, signing_key=signing_key(args))
 
@@ -79,9 +79,9 @@ def _open(args: argparse.Namespace):
 def _dream(args: argparse.Namespace, _beam_args) -> int:
     from PIL import Image
 
-    from models.backbone import Backbone, ModelSpec
-    from models.dream import Dreamer, DreamOptions, decode_photo
-    from models.layers import LayerModel, parse_layer_names
+    from models.backbone.network import Backbone, ModelSpec
+    from models.inside.dream import Dreamer, DreamOptions, decode_photo
+    from models.inside.layers import LayerModel, parse_layer_names
 
     opts = DreamOptions(octaves=args.octaves, octave_scale=args.octave_scale, steps=args.steps, step=args.step,
                         tile=args.tile, max_side=args.max_side, seed=args.seed)
@@ -104,7 +104,7 @@ def _dream(args: argparse.Namespace, _beam_args) -> int:
 
 
 def _explain(args: argparse.Namespace, _beam_args) -> int:
-    from serving.explain import explain, render
+    from inspection.explain import explain, render
 
     searcher = _open(args)
     embedder = searcher.open_embedder(weights_dir=args.weights_dir, model=args.model)
@@ -138,7 +138,7 @@ def _explain(args: argparse.Namespace, _beam_args) -> int:
 
 
 def _map(args: argparse.Namespace, _beam_args) -> int:
-    from serving.collection_map import collection_map
+    from inspection.collection_map import collection_map
 
     searcher = _open(args)
     result = collection_map(searcher, args.method, args.sample, args.seed, None if args.no_thumbnails else
@@ -155,8 +155,8 @@ def _map(args: argparse.Namespace, _beam_args) -> int:
 
 
 def _adversarial(args: argparse.Namespace, _beam_args) -> int:
-    from models.adversarial import AttackOptions
-    from serving.adversarial_report import AdversarialConfig, markdown, run_report
+    from inspection.adversarial_report import AdversarialConfig, markdown, run_report
+    from models.inside.adversarial import AttackOptions
 
     target = None if args.target == "none" else args.target
     cfg = AdversarialConfig(attacks=tuple(a.strip() for a in args.attack.split(",") if a.strip()), eps=args.eps,

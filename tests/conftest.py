@@ -54,7 +54,7 @@ def imagenette(data_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def mobilenet_spec(weights_dir):
-    from models.backbone import ModelSpec
+    from models.backbone.network import ModelSpec
 
     return ModelSpec("mobilenet_v1_025", weights_dir=weights_dir)
 

@@ -25,7 +25,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from models.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_and_resize
+from models.backbone.imaging import DEFAULT_MAX_PIXELS, DecodedImage, decode_and_resize
 from transforms.records import FAILURES_TAG, ImageMeta, ImageRecord, failure
 
 NAMESPACE = "cbir"

@@ -6,9 +6,9 @@ that no manifest lists, and they must stay invisible.
 
 from __future__ import annotations
 
-from index_builder.manifests import FeaturesManifest
-from transforms import fsutil
-from transforms.publish import MANIFEST, read_manifest
+from artefacts.manifests import FeaturesManifest
+from plumbing import fsutil
+from plumbing.publish import MANIFEST, read_manifest
 
 
 def read_features_manifest(features_dir: str) -> FeaturesManifest:

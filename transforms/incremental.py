@@ -18,7 +18,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from index_builder.manifests import FeaturesManifest
+from artefacts.manifests import FeaturesManifest
 from transforms import features_io
 from transforms.records import FeatureRow, ImageMeta, ImageRecord
 

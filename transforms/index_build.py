@@ -6,7 +6,7 @@ Two passes over the features, both on Arrow record batches (no per-row Python ob
    left out) go to ``tft_beam.AnalyzeDataset`` through a TFXIO tensor adapter; a seeded,
    deterministic sample of raw vectors (smallest blake2b of ``image_id``) feeds the LSH fit.
 2. **build**: each batch is transformed with the fitted transform *as data*
-   (``index_builder.transform``), split by shard into small record batches, grouped per
+   (``artefacts.transform``), split by shard into small record batches, grouped per
    shard, and built on one worker. A shard's memory is its own rows, never the corpus.
 """
 
@@ -27,9 +27,9 @@ import pyarrow.compute as pc
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from index_builder import layout
+from artefacts import layout
+from artefacts.transform import VectorTransform
 from index_builder.shard import VECTOR_DTYPE, ShardItems, ShardParams, build_shard, row_schema
-from index_builder.transform import VectorTransform
 from transforms import features_io
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def make_preprocessing_fn(dims: int):
     The mean and the PCA matrix are tf.Transform analysers: one full pass over the corpus
     computes them. Besides the result (``feature``) the graph outputs ``projected``, the
     affine step before the last normalisation, from which the index reads the transform
-    as data (``index_builder.transform.probe_matrices``). ``dims == 0`` keeps the
+    as data (``artefacts.transform.probe_matrices``). ``dims == 0`` keeps the
     dimension and only normalises. The first L2 makes PCA fit directions, not magnitudes,
     which is what cosine search compares.
     """

@@ -18,7 +18,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, RunInference
 from apache_beam.ml.inference.tensorflow_inference import ModelType, TFModelHandlerNumpy
 
-from models.backbone import Backbone, ModelSpec
+from models.backbone.network import Backbone, ModelSpec
 from transforms.decode import count_failure
 from transforms.records import FAILURES_TAG, FeatureRow, ImageMeta, failure
 

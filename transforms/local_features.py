@@ -15,8 +15,8 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from index_builder.local_store import LOCAL_SCHEMA
-from models.imaging import DEFAULT_MAX_PIXELS
-from models.local_features import DEFAULT_MAX_SIDE, from_image_bytes
+from models.backbone.imaging import DEFAULT_MAX_PIXELS
+from models.backbone.local_features import DEFAULT_MAX_SIDE, from_image_bytes
 from transforms.decode import NAMESPACE, PooledFn
 from transforms.records import ImageRecord
 

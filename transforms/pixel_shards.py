@@ -3,7 +3,7 @@
 Each decoded image goes to shard ``blake2b(image_id) mod shards``; all images of a shard
 are grouped on one worker, sorted by ``(image_id, sha256)`` and written as one file
 ``pixels-SSSSS-of-NNNNN.tfrecord`` of ``tf.train.Example`` records (raw uint8 pixels and the
-id, :func:`models.pixel_autoencoder.encode_pixels`). So the files' contents depend on the
+id, :func:`models.autoencoders.pixel_autoencoder.encode_pixels`). So the files' contents depend on the
 inputs alone, never on the order a runner delivered them in, and a re-run on the same data
 trains on the same examples in the same order. The shard number also decides the
 held-out split (:func:`validation_shards`): an image is held out or not by its id alone.
@@ -21,8 +21,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from models.pixel_autoencoder import encode_pixels
-from transforms import fsutil
+from models.autoencoders.pixel_autoencoder import encode_pixels
+from plumbing import fsutil
 from transforms.decode import NAMESPACE
 from transforms.readers.tfrecord import iter_tfrecord_frames, write_tfrecord
 

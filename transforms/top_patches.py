@@ -32,9 +32,9 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 from PIL import Image
 
-from models import tiles
-from models.backbone import Backbone, ModelSpec
-from models.layers import LayerModel, resolve_layer
+from models.backbone.network import Backbone, ModelSpec
+from models.inside import tiles
+from models.inside.layers import LayerModel, resolve_layer
 from transforms.decode import count_failure
 from transforms.records import FAILURES_TAG, ImageMeta, failure
 
@@ -360,7 +360,7 @@ class RenderChannelFn(beam.DoFn):
         self._tile = tile
 
     def process(self, element: tuple[int, list[Candidate]]):
-        from transforms import fsutil
+        from plumbing import fsutil
 
         channel, best = element
         name = grid_name(channel)

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from index_builder import calibration, hnsw, layout, lsh
+from artefacts import layout
+from index_builder import calibration, hnsw, lsh
 from index_builder.shard import ShardItems, ShardParams, build_shard
 
 

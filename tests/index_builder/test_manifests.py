@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from index_builder.manifests import (
+from artefacts.manifests import (
     ExtractCounts,
     FeaturesManifest,
     IndexManifest,

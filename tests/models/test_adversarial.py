@@ -9,9 +9,9 @@ import pytest
 import skimage
 from PIL import Image
 
-from models.adversarial import AttackOptions, attack, quantise
-from models.backbone import Backbone
-from models.similarity import EmbeddingGraph
+from models.backbone.network import Backbone
+from models.inside.adversarial import AttackOptions, attack, quantise
+from models.inside.similarity import EmbeddingGraph
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.ascent import AscentOptions, ascend_filters, ascent_grid
-from models.backbone import Backbone
-from models.layers import LayerModel
+from models.backbone.network import Backbone
+from models.inside.ascent import AscentOptions, ascend_filters, ascent_grid
+from models.inside.layers import LayerModel
 from pipelines.cli import main
 
 LAYER = "conv_pw_6_relu"

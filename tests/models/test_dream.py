@@ -10,9 +10,9 @@ import pytest
 import skimage
 from PIL import Image
 
-from models.backbone import Backbone
-from models.dream import Dreamer, DreamOptions, decode_photo, octave_shapes
-from models.layers import LayerModel
+from models.backbone.network import Backbone
+from models.inside.dream import Dreamer, DreamOptions, decode_photo, octave_shapes
+from models.inside.layers import LayerModel
 from pipelines.cli import main
 
 

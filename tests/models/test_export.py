@@ -25,10 +25,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from models import export
-from models import graph_decode as in_graph
-from models.backbone import Backbone, ModelSpec
-from models.imaging import decode_and_resize
+from models.backbone import export
+from models.backbone import graph_decode as in_graph
+from models.backbone.imaging import decode_and_resize
+from models.backbone.network import Backbone, ModelSpec
 from pipelines import cli
 from pipelines.export_model import index_transform, parse_version
 
@@ -184,8 +184,8 @@ def test_bytes_signature_matches_the_written_feature_rows(exported, flowers_feat
 
 
 def test_transformed_signature_is_the_query_path(exported, flowers_index, weights_dir, photos):
-    from index_builder.vector_space import transform_fingerprint
-    from serving.embedder import open_embedder
+    from artefacts.vector_space import transform_fingerprint
+    from search.embedder import open_embedder
 
     _, _, loaded = exported
     manifest = flowers_index[1]
@@ -228,8 +228,8 @@ def test_extract_through_the_exported_pixels_signature(exported, flowers, flower
     # an index built from these features accepts vectors served by the same export
     from types import SimpleNamespace
 
-    from serving.client import _export_card
-    from serving.compatibility import accepted_served_fingerprints
+    from search.compatibility import accepted_served_fingerprints
+    from search.tf_serving import _export_card
 
     index_like = SimpleNamespace(model=manifest.model, model_fingerprint=manifest.model_fingerprint)
     accepted = accepted_served_fingerprints(index_like, _export_card(index_like))

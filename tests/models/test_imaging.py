@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from models.imaging import (
+from models.backbone.imaging import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     ImageTooLargeError,
@@ -416,7 +416,7 @@ def _peak_rss_mb_of_decoding(data: bytes) -> float:
     # VmHWM (peak RSS of this process image), not ru_maxrss: the latter survives exec and would carry the
     # forked test runner's own size.
     code = (
-        "import sys; from models.imaging import decode_and_resize\n"
+        "import sys; from models.backbone.imaging import decode_and_resize\n"
         "def kb(key): return int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])\n"
         "data = sys.stdin.buffer.read(); base = kb('VmRSS:')\n"
         "decode_and_resize(data, 299, reduced_decode=False)\n"
@@ -429,7 +429,7 @@ def _peak_rss_mb_of_decoding(data: bytes) -> float:
 @pytest.mark.parametrize("kind", ["rgba_png", "gray16_png", "float_tiff", "rgba_webp"])
 def test_measured_decode_peaks_stay_under_the_estimate(kind):
     """The budget is only as good as its estimate: measured on 16 MP images, the estimate is an upper bound."""
-    from models.imaging import decode_cost
+    from models.backbone.imaging import decode_cost
 
     side = 4000
     if kind == "rgba_png":
@@ -454,7 +454,7 @@ def test_measured_decode_peaks_stay_under_the_estimate(kind):
 
 def test_decode_bombs_under_the_pixel_limit_are_refused_on_the_header():
     """Within 100 MP, yet gigabytes to decode: refused before any pixel, with the product's own numbers."""
-    from models.imaging import DecodeBudgetError
+    from models.backbone.imaging import DecodeBudgetError
 
     bombs = {
         "webp": encode(Image.new("RGBA", (7000, 7000), (0, 0, 0, 0)), "WEBP", lossless=True),
@@ -472,7 +472,7 @@ def test_decode_bombs_under_the_pixel_limit_are_refused_on_the_header():
 
 
 def test_a_jpeg_with_far_too_little_data_for_its_header_is_refused(photo):
-    from models.imaging import TruncatedImageError
+    from models.backbone.imaging import TruncatedImageError
 
     big = encode(photo.resize((10_000, 10_000)), "JPEG", quality=85)
     with pytest.raises(TruncatedImageError, match="truncated"):

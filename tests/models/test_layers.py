@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.backbone import Backbone
-from models.layers import LayerModel, resolve_layer, spatial_layer_names
+from models.backbone.network import Backbone
+from models.inside.layers import LayerModel, resolve_layer, spatial_layer_names
 
 
 @pytest.fixture(scope="module")

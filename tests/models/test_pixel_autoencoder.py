@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models import pixel_autoencoder as pa
-from models.denoiser import Denoiser, decode_rgb
-from models.imaging import decode_and_resize
-from models.pixel_noise import Noise, add_noise, parse_noise
+from models.autoencoders import pixel_autoencoder as pa
+from models.autoencoders.denoiser import Denoiser, decode_rgb
+from models.autoencoders.pixel_noise import Noise, add_noise, parse_noise
+from models.backbone.imaging import decode_and_resize
 
 SIZE = 32
 
@@ -164,7 +164,7 @@ def test_a_dense_encoder_exports_its_code_under_a_pixels_signature(tmp_path):
     """The dense-code path (the pipeline tests train a convolutional one): export card, signatures, same codes."""
     import tensorflow as tf
 
-    from models.backbone import ModelSpec
+    from models.backbone.network import ModelSpec
 
     cfg = pa.PixelAutoencoderConfig(size=SIZE, code_dim=16, filters=(8, 16))
     nets = pa.build(cfg)

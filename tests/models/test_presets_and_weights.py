@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.backbone import Backbone, ModelSpec
-from models.presets import PRESETS, get_preset
-from models.weights import WeightsNotFoundError, resolve_weights
+from models.backbone.network import Backbone, ModelSpec
+from models.backbone.presets import PRESETS, get_preset
+from models.backbone.weights import WeightsNotFoundError, resolve_weights
 
 
 def test_mobilenet_weights_resolve_from_weights_dir(weights_dir):

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models import imaging, runtimes
-from models.backbone import Backbone, ModelSpec
+from models.backbone import imaging, runtimes
+from models.backbone.network import Backbone, ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_a_missing_package_is_refused_explicitly_and_auto_falls_back(monkeypatch
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
     with pytest.raises(runtimes.RuntimeUnavailableError, match="ai-edge-litert"):
         Backbone(dataclasses.replace(mobilenet_spec, runtime="litert")).resolve_runtime()
-    with caplog.at_level(logging.WARNING, logger="models.backbone"):
+    with caplog.at_level(logging.WARNING, logger="models.backbone.network"):
         assert Backbone(dataclasses.replace(mobilenet_spec, runtime="auto")).resolve_runtime() == "graph"
     assert "not LiteRT" in caplog.text and "ai-edge-litert" in caplog.text
 

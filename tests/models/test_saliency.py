@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.saliency import guided_clone, occlusion_map
+from models.inside.saliency import guided_clone, occlusion_map
 
 
 def test_occlusion_peaks_where_the_score_looks():

@@ -32,8 +32,8 @@ def pixel_corpus(tmp_path_factory, flowers):
 @pytest.fixture(scope="session")
 def denoiser_run(pixel_corpus, tmp_path_factory):
     """(output folder, manifest, config): a convolutional denoiser (gaussian:0.25), 3 epochs, seed 7."""
-    from models import pixel_autoencoder as pae
-    from models.pixel_noise import parse_noise
+    from models.autoencoders import pixel_autoencoder as pae
+    from models.autoencoders.pixel_noise import parse_noise
     from pipelines import train_autoencoder
 
     out = tmp_path_factory.mktemp("denoiser")

@@ -15,10 +15,10 @@ import zlib
 import pyarrow as pa
 import pytest
 
-from index_builder import layout
+from artefacts import layout
 from index_builder.shard import ShardItems
 from pipelines import cli, extract, index, neighbors
-from transforms import publish
+from plumbing import publish
 from transforms.decode import DecodeFn
 from transforms.readers import InputSpec, ListedFile
 

@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models import autoencoder
+from evaluation.metrics import label_precision_at_k
+from models.autoencoders import feature_autoencoder as autoencoder
 from pipelines import autoencode, index
-from serving.embedder import open_embedder
-from serving.metrics import label_precision_at_k
-from serving.searcher import Searcher
+from search.embedder import open_embedder
+from search.searcher import Searcher
 from transforms import features_io
 from transforms.feature_sets import feature_files
 

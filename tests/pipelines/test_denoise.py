@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.denoiser import Denoiser, decode_rgb, encode_png
-from models.pixel_noise import add_noise
+from models.autoencoders.denoiser import Denoiser, decode_rgb, encode_png
+from models.autoencoders.pixel_noise import add_noise
 from pipelines.cli import main as cli_main
 from pipelines.query import run_query
-from serving.methods import SearchOptions
+from search.methods import SearchOptions
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from evaluation.metrics import label_precision_at_k
 from pipelines.query import run_query
-from serving.embedder import open_embedder
-from serving.methods import SearchOptions
-from serving.metrics import label_precision_at_k
-from serving.searcher import Searcher
+from search.embedder import open_embedder
+from search.methods import SearchOptions
+from search.searcher import Searcher
 
 
 @pytest.fixture(scope="module")

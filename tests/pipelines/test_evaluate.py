@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from evaluation import metrics
 from pipelines import cli
 from pipelines.evaluate import EvaluateConfig, format_markdown, run
-from serving import metrics
-from serving.methods import LSH_RADIUS, SearchOptions
-from serving.searcher import Searcher, normalise_rows
+from search.methods import LSH_RADIUS, SearchOptions
+from search.searcher import Searcher, normalise_rows
 
 K = 10
 
@@ -31,7 +31,7 @@ def _ranking(v64: np.ndarray, query: np.ndarray, q: int) -> list[int]:
 def brute_force_labels(vectors: np.ndarray, labels: list[str], queries, qe: int = 0) -> dict[str, float]:
     """The textbook definitions, one query at a time: full leave-one-out ranking, AP, P@k.
 
-    Rankings are in float64 like ``serving.metrics``: a float32 matrix-vector product rounds
+    Rankings are in float64 like ``evaluation.metrics``: a float32 matrix-vector product rounds
     differently from the matrix product there, by more than the closest neighbours differ.
     An expanded query is built in float32 with the searcher's normalisation, because that
     vector is what evaluate ranks with.

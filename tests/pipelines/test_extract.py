@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models.backbone import Backbone
-from models.imaging import decode_and_resize
+from models.backbone.imaging import decode_and_resize
+from models.backbone.network import Backbone
 from pipelines import extract
 
 

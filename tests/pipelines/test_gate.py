@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from index_builder import layout
+from artefacts import layout
+from evaluation import gate
 from pipelines import cli
 from pipelines.index import GATE_SUFFIX
-from serving import gate
 
 
 def _argv(features, out, *extra):
@@ -48,7 +48,7 @@ def test_a_failing_gate_leaves_latest_untouched_and_says_which_condition(flowers
 
 
 def test_expected_results_and_uncomputable_metrics(flowers_features, flowers_index, tmp_path, capsys):
-    from serving.searcher import Searcher
+    from search.searcher import Searcher
 
     with Searcher(str(flowers_index[0])) as s:
         q = s.image_ids[0]

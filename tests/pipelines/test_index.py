@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from annoy import AnnoyIndex
 
-from index_builder import layout, lsh
-from index_builder.manifests import IndexManifest
+from artefacts import layout
+from artefacts.manifests import IndexManifest
+from index_builder import lsh
 from index_builder.shard import ShardItems, ShardParams, annoy_bytes_estimate, build_annoy, build_shard
 from pipelines import index
-from serving.index_files import resolve, verify_files
-from serving.searcher import Searcher
+from search.index_files import resolve, verify_files
+from search.searcher import Searcher
 from transforms import features_io
 from transforms.feature_sets import feature_files
 
@@ -163,7 +164,7 @@ def test_transform_is_identical_at_build_and_query(published, raw_features):
     import tensorflow as tf
     import tensorflow_transform as tft
 
-    from serving.index_files import load_transform
+    from search.index_files import load_transform
 
     _, version_dir, manifest = published
     assert manifest.transform.projection_file == "transform/projection.npy"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from models.backbone import Backbone, ModelSpec
-from models.filters import filter_grid, first_conv_kernels
+from models.backbone.network import Backbone, ModelSpec
+from models.inside.filters import filter_grid, first_conv_kernels
 from pipelines.cli import main
 
 

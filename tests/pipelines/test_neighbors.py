@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from index_builder import layout
+from artefacts import layout
 from pipelines import cli
 from pipelines.neighbors import NeighborsConfig, read_neighbors, run
-from serving.methods import SearchOptions
-from serving.neighbors import SCHEMA, NeighborOptions, chunks
-from serving.searcher import Searcher
+from search.methods import SearchOptions
+from search.neighbors import SCHEMA, NeighborOptions, chunks
+from search.searcher import Searcher
 
 PHOTOS = {"0": (1, 2, 3, 4), "2": (161, 162, 163, 164), "5": (401, 402, 403, 404), "7": (561, 562, 563, 564)}
 ORIGINAL, COPY = "2/image_0162.jpg", "2/copy_of_0162.jpg"

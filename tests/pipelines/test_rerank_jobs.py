@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from pipelines import cli
-from serving.methods import SearchOptions
-from serving.searcher import Searcher
+from search.methods import SearchOptions
+from search.searcher import Searcher
 
 CLASSES = ("0", "1", "2", "3")
 PER_CLASS = 10
@@ -117,7 +117,7 @@ def test_verify_without_local_features_is_refused_with_the_fix(built, capsys):
 
 def test_dba_index_returns_each_item_first_for_its_own_plain_vector(built):
     """Stored vectors are augmented; a query is not: each item's own un-augmented vector still finds it."""
-    from serving.index_files import load_transform
+    from search.index_files import load_transform
 
     root, features, rich, _, n = built
     assert rich.dba["k"] == 2 and rich.graph["k"] == 6
@@ -167,7 +167,7 @@ def test_relevance_feedback_moves_results_toward_marked_items(built):
 
 def test_neighbors_verify_adds_inlier_counts(built, tmp_path):
     from pipelines.neighbors import NeighborsConfig, read_neighbors, run
-    from serving.neighbors import NeighborOptions
+    from search.neighbors import NeighborOptions
 
     root, _, _, _, n = built
     opts = NeighborOptions(SearchOptions(k=4, method="exact", verify=4, batch_size=64))
@@ -197,7 +197,7 @@ def test_evaluate_reports_every_configuration_and_feedback_rounds(built, capsys)
 
 def test_rejected_results_are_never_shown_again(built):
     """Even when nothing moves the query away from it (gamma 0, no kernel), a rejected result is left out."""
-    from serving.rerank import FeedbackWeights
+    from search.rerank import FeedbackWeights
 
     root = built[0]
     with Searcher(str(root / "plain")) as s:
@@ -213,8 +213,8 @@ def test_rejected_results_are_never_shown_again(built):
 
 def test_kernel_feedback_beats_rocchio_alone_on_the_dev_flowers(built):
     """Two simulated rounds on 120 flowers queries: the kernel on the marks ends with more relevant results."""
-    from serving import rerank_eval
-    from serving.rerank import FeedbackWeights
+    from evaluation import rerank_eval
+    from search.rerank import FeedbackWeights
 
     root = built[0]
     with Searcher(str(root / "plain")) as s:

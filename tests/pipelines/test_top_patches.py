@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.backbone import Backbone
-from models.imaging import decode_and_resize
-from models.layers import LayerModel
+from models.backbone.imaging import decode_and_resize
+from models.backbone.network import Backbone
+from models.inside.layers import LayerModel
 from pipelines import top_patches
 from pipelines.cli import main
-from transforms import fsutil
+from plumbing import fsutil
 from transforms.top_patches import Candidate, TopN, peaks, receptive_field
 
 LAYER = "conv_pw_6_relu"

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from models import pixel_autoencoder as pae
-from models.backbone import ModelSpec
-from models.imaging import decode_and_resize
+from models.autoencoders import pixel_autoencoder as pae
+from models.backbone.imaging import decode_and_resize
+from models.backbone.network import ModelSpec
 from pipelines import extract, train_autoencoder
 from pipelines.cli import main as cli_main
 from transforms import features_io

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.adversarial import AttackOptions
+from inspection.adversarial_report import AdversarialConfig, run_report
+from models.inside.adversarial import AttackOptions
 from pipelines.cli import main
-from serving.adversarial_report import AdversarialConfig, run_report
-from serving.searcher import Searcher
-from transforms import fsutil
+from plumbing import fsutil
+from search.searcher import Searcher
 
 
 def _read(uri):

@@ -10,9 +10,9 @@ import pytest
 import requests
 from _service_fixtures import DROPPED_LABEL, two_versions
 
-from serving.service.app import ServiceConfig, make_app
-from serving.service.server import ServiceThread
-from serving.service.versions import OpenOptions, VersionFollower
+from serving.app import ServiceConfig, make_app
+from serving.server import ServiceThread
+from serving.versions import OpenOptions, VersionFollower
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")

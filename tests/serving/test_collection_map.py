@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from inspection.collection_map import OTHER, SAMPLE_THRESHOLD, collection_map, label_colours, pick, project
 from pipelines.cli import main
-from serving.collection_map import OTHER, SAMPLE_THRESHOLD, collection_map, label_colours, pick, project
-from serving.searcher import Searcher
-from transforms import fsutil
+from plumbing import fsutil
+from search.searcher import Searcher
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 from _service_fixtures import DROPPED_LABEL, two_versions
 from PIL import Image
 
+from evaluation.compare import CompareConfig, format_markdown
 from pipelines import cli
 from pipelines.compare import locate, run
-from serving.compare import CompareConfig, format_markdown
-from serving.methods import SearchOptions
+from search.methods import SearchOptions
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import pytest
 import skimage
 from PIL import Image
 
+from inspection.embedding_graph import embedding_graph
+from inspection.explain import explain, explain_match
 from pipelines.cli import main
-from serving.embedding_graph import embedding_graph
-from serving.explain import explain, explain_match
-from serving.searcher import Searcher
-from transforms import fsutil
+from plumbing import fsutil
+from search.searcher import Searcher
 
 
 @pytest.fixture(scope="module")

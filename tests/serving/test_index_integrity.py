@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from index_builder import layout, signing
+from artefacts import layout, signing
 from pipelines import index
-from serving.index_files import verify_files
-from serving.searcher import Searcher
-from transforms.lease import LEASE_FILE, Lease, LeaseHeldError
+from plumbing.lease import LEASE_FILE, Lease, LeaseHeldError
+from search.index_files import verify_files
+from search.searcher import Searcher
 
 
 def _copy(flowers_index, tmp_path):
@@ -117,8 +117,8 @@ def test_a_second_build_into_one_output_refuses_to_start(flowers_features, tmp_p
 
 
 def test_a_savedmodel_backbone_is_never_loaded_from_a_path_the_index_names(flowers_index, tmp_path):
-    from serving.compatibility import ModelMismatchError
-    from serving.embedder import open_embedder
+    from search.compatibility import ModelMismatchError
+    from search.embedder import open_embedder
 
     root, version_dir = _copy(flowers_index, tmp_path)
     with Searcher(str(root)) as s:

@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from index_builder import layout
-from models.backbone import ModelSpec
-from serving.compatibility import ModelMismatchError, TransformMismatchError
-from serving.index_files import available_versions
-from serving.searcher import Searcher, normalise_rows
+from artefacts import layout
+from models.backbone.network import ModelSpec
+from search.compatibility import ModelMismatchError, TransformMismatchError
+from search.index_files import available_versions
+from search.searcher import Searcher, normalise_rows
 
 K = 10
 

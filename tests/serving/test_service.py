@@ -19,11 +19,11 @@ import requests
 from _service_fixtures import copy_index, point_latest, two_versions
 from PIL import Image
 
-from serving.methods import SearchOptions
-from serving.searcher import Searcher
-from serving.service.app import ServiceConfig, ServiceState, TimedOut, Unavailable, make_app
-from serving.service.server import ServiceThread
-from serving.service.versions import OpenOptions, VersionFollower, open_version
+from search.methods import SearchOptions
+from search.searcher import Searcher
+from serving.app import ServiceConfig, ServiceState, TimedOut, Unavailable, make_app
+from serving.server import ServiceThread
+from serving.versions import OpenOptions, VersionFollower, open_version
 
 K = 5
 
@@ -178,7 +178,7 @@ def test_why_it_matched_is_offered_when_the_explainer_imports(server, direct):
     import importlib.util
 
     info = requests.get(server.url + "api/info", timeout=10).json()
-    assert info["explain"] == (importlib.util.find_spec("serving.explain") is not None)
+    assert info["explain"] == (importlib.util.find_spec("inspection.explain") is not None)
     if not info["explain"]:
         assert requests.post(server.url + "api/explain", timeout=10).status_code == 404
         return
@@ -194,7 +194,7 @@ def test_why_it_matched_is_offered_when_the_explainer_imports(server, direct):
 
 
 def test_a_thumbnail_of_a_file_changed_since_indexing_is_refused(tmp_path):
-    from serving.service.thumbnails import ThumbnailCache, ThumbnailUnavailable
+    from serving.thumbnails import ThumbnailCache, ThumbnailUnavailable
 
     path = tmp_path / "a.png"
     Image.new("RGB", (300, 200), (10, 200, 30)).save(path)

@@ -34,11 +34,14 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from models import export
+from models.backbone import export
 from pipelines import cli
 from pipelines.export_model import index_transform
 from pipelines.query import run_query
-from serving.client import (
+from search.compatibility import ModelMismatchError
+from search.embedder import open_embedder
+from search.methods import SearchOptions
+from search.tf_serving import (
     GrpcClient,
     RestClient,
     ServingEmbedder,
@@ -48,9 +51,6 @@ from serving.client import (
     check_prediction,
     make_client,
 )
-from serving.compatibility import ModelMismatchError
-from serving.embedder import open_embedder
-from serving.methods import SearchOptions
 
 MODEL = "cbir"
 MIN_COSINE = 0.999  # served (in-graph decode) vs local (Pillow decode): see tests/test_export.py
@@ -397,7 +397,7 @@ def test_vectors_of_another_model_or_index_are_refused(address, index_version, q
 
 
 def test_prediction_without_fingerprint_is_refused(index_version):
-    from serving.client import Prediction
+    from search.tf_serving import Prediction
 
     with pytest.raises(ModelMismatchError, match="model_fingerprint"):
         check_prediction(Prediction(np.zeros((1, 256), np.float32), None), index_version[1], "somewhere")

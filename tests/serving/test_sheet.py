@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from serving.sheet import CELL, LETTERBOX, contact_sheet, fitted
+from inspection.sheet import CELL, LETTERBOX, contact_sheet, fitted
 
 
 def _jpeg(w: int, h: int, colour=(200, 30, 30)) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from serving import topk
+from search import topk
 
 
 def test_float16_lookup_equals_numpy_conversion_for_every_bit_pattern():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from models import local_features as lf
-from models.imaging import ImageDecodeError
-from serving import verify
+from models.backbone import local_features as lf
+from models.backbone.imaging import ImageDecodeError
+from search import verify
 
 CLASS = "3"
 PHOTOS = [f"image_{n:04d}.jpg" for n in range(241, 251)]  # ten photos of one flower class
@@ -82,7 +82,7 @@ def test_flat_and_broken_images_give_no_matches_not_errors_downstream():
 
 
 def test_aspect_ratio_is_kept_when_decoding_for_local_features(photos):
-    from models.imaging import decode_to_fit
+    from models.backbone.imaging import decode_to_fit
 
     im = Image.open(io.BytesIO(photos[0]))
     decoded = decode_to_fit(photos[0], 256)

@@ -10,7 +10,7 @@ import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from models.imaging import decode_and_resize
+from models.backbone.imaging import decode_and_resize
 from pipelines.runner import pipeline_options
 from transforms.decode import DecodeFn
 from transforms.records import FAILURES_TAG, ImageRecord

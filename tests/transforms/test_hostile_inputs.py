@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.runner import pipeline_options
-from transforms import fsutil
+from plumbing import fsutil
 from transforms.readers import InputSpec, ReadImages, write_listing
 
 

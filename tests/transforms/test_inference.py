@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.backbone import Backbone, ModelSpec
-from models.imaging import decode_and_resize
+from models.backbone.imaging import decode_and_resize
+from models.backbone.network import Backbone, ModelSpec
 from pipelines import extract
 from transforms.inference import BatchingOptions
 
@@ -139,7 +139,7 @@ def test_float16_storage_halves_the_vectors(tmp_path, flowers, mobilenet_spec, f
 def test_savedmodel_extracts_like_the_preset(tmp_path, flowers, mobilenet_spec, flowers_features):
     import tensorflow as tf
 
-    from models.backbone import preprocess
+    from models.backbone.network import preprocess
 
     keras_model = Backbone(mobilenet_spec).keras_model
 

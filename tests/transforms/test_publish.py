@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from index_builder.manifests import ExtractCounts, FeaturesManifest, utc_now
-from transforms import publish
+from artefacts.manifests import ExtractCounts, FeaturesManifest, utc_now
+from plumbing import publish
 
 
 def _part(path, rows: int) -> None:

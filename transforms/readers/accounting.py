@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 
-from index_builder.manifests import Accounting
-from transforms import fsutil, publish
+from artefacts.manifests import Accounting
+from plumbing import fsutil, publish
 from transforms.readers.spec import InputSpec, ListedFile
 
 TALLIES_DIR = "_tallies"

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from plumbing.fsutil import MAX_INPUT_BYTES, NotRegularFileError, RecordTooLargeError, read_input  # noqa: F401
 from transforms.decode import NAMESPACE, count_failure
-from transforms.fsutil import MAX_INPUT_BYTES, NotRegularFileError, RecordTooLargeError, read_input  # noqa: F401
 from transforms.records import FAILURES_TAG, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class CorruptShardError(ShardReadError):
 
 
 def read_limited(path: str, limit: int = MAX_RECORD_BYTES, size: int | None = None) -> bytes:
-    """An input's bytes, regular files only, size checked before reading (``transforms.fsutil.read_input``)."""
+    """An input's bytes, regular files only, size checked before reading (``plumbing.fsutil.read_input``)."""
     return read_input(path, limit, size)
 
 

@@ -18,7 +18,7 @@ import re
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms import fsutil
+from plumbing import fsutil
 from transforms.readers.common import IMAGE_EXTENSIONS, TALLIES_TAG, Account, ListedFile, is_shard_name, is_visible
 
 FORMATS = ("files", "tfrecord", "wds", "parquet")

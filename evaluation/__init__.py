@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics, the quality gate, version comparison, re-ranking evaluation."""

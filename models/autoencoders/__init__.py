@@ -1,0 +1,1 @@
+"""Autoencoders: on features, on pixels (and the denoiser built from it), their noise, pictures and summaries."""

@@ -1,1 +1,0 @@
-"""``cbir serve``: the search service (``app``), the version it follows (``versions``), thumbnails, the front end."""
