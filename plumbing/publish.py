@@ -24,9 +24,11 @@ import logging
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
 from artefacts.manifests import Manifest, ManifestError, PartFile
 from plumbing import fsutil
-from transforms.features_io import count_rows
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,12 @@ def staged_parts(staging: str, kind: str) -> list[str]:
 def run_part_name(path: str, run_id: str) -> str:
     """``part-SSSSS-of-NNNNN.parquet`` → ``part-<run>-SSSSS-of-NNNNN.parquet``: parts of two runs never collide."""
     return path.rsplit("/", 1)[-1].replace("part-", f"part-{run_id}-", 1)
+
+
+def count_rows(path: str) -> int:
+    """Rows in one staged Parquet part, from its footer: the check that staged counts add up reads no data pages."""
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def count_staged(staging: str, kinds: Iterable[str], run_id: str) -> dict[str, list[tuple[str, PartFile]]]:

@@ -107,11 +107,6 @@ def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(pa.BufferReader(f.read()), columns=columns)
 
 
-def count_rows(path: str) -> int:
-    with FileSystems.open(path, compression_type="uncompressed") as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
 def feature_matrix(table: pa.Table) -> np.ndarray:
     """The ``feature`` column as a float32 (n, D) array without a Python loop."""
     col = table.column("feature").combine_chunks()
