@@ -12,4 +12,7 @@ export CBIR_OFFLINE="${CBIR_OFFLINE:-1}"
 # TensorFlow's on two cores made small SVDs and products 10-100x slower (an ITQ fit 0.5 s -> 10 s).
 export OPENBLAS_NUM_THREADS="${OPENBLAS_NUM_THREADS:-1}"
 ruff check .
+# The floors as import contracts (pyproject.toml [tool.importlinter]); tests/test_import_contracts.py runs
+# the same check, so pytest alone catches a breach too. Here it fails fast, before the long suite.
+lint-imports --no-cache --no-logo
 exec python -m pytest "$@"

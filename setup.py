@@ -10,7 +10,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 _HERE = Path(__file__).parent
-_DEV_ONLY = {"pytest", "ruff", "scikit-image", "selenium", "hnswlib", "openvino"}
+_DEV_ONLY = {"pytest", "ruff", "import-linter", "scikit-image", "selenium", "hnswlib", "openvino"}
 
 
 def _runtime_requirements() -> list[str]:
