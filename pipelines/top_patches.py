@@ -22,11 +22,11 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 import apache_beam as beam
 
-from artefacts.manifests import Accounting, Manifest, PartFile, new_run_id, utc_now
+from artefacts.manifests import Accounting, TopPatchesManifest, new_run_id, utc_now
 from models.backbone.imaging import DEFAULT_MAX_PIXELS
 from models.backbone.network import Backbone, ModelSpec
 from models.inside.layers import LayerModel
@@ -52,28 +52,6 @@ KINDS = ("activations", "failures")
 GRIDS = "channels"
 SUMMARIES = "_channels"
 TALLIES = "_tallies"
-
-
-@dataclasses.dataclass(kw_only=True)
-class TopPatchesManifest(Manifest):
-    """``<out>/MANIFEST.json`` of ``cbir top-patches``: the commit point, and the figures behind the grids."""
-
-    KIND: ClassVar[str] = "top-patches"
-
-    run_id: str
-    created_utc: str
-    model: dict[str, Any]
-    model_fingerprint: str
-    layer: str
-    channels: list[int]
-    n: int
-    receptive_field: dict[str, Any]
-    counts: dict[str, int]
-    accounting: Accounting
-    files: dict[str, list[PartFile]]
-    grids: dict[str, str]  # channel → PNG path relative to the output
-    patches: dict[str, list[dict[str, Any]]]  # channel → best first: value, image_id, uri, label, cell, box
-    elapsed_seconds: float = 0.0
 
 
 @dataclasses.dataclass

@@ -43,15 +43,17 @@ from typing import Any
 
 import apache_beam as beam
 
-from artefacts.manifests import FileDigest, new_run_id, utc_now
-from artefacts.pixel_autoencoder_manifest import (
+from artefacts.manifests import (
     KIND_AUTOENCODER,
     KIND_DENOISING,
+    FileDigest,
     PixelAutoencoderManifest,
     PixelCounts,
     PixelShards,
     SavedModelInfo,
     WeightsInfo,
+    new_run_id,
+    utc_now,
 )
 from models.autoencoders import pixel_autoencoder as pa
 from models.autoencoders.pictures import loss_curve_png, reconstruction_sheet_png

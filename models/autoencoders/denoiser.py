@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from artefacts.pixel_autoencoder_manifest import PixelAutoencoderManifest
+from artefacts.manifests import PixelAutoencoderManifest
 from models.autoencoders.pixel_autoencoder import (
     WEIGHTS_DIR,
     PixelAutoencoderConfig,

@@ -1,12 +1,12 @@
-"""``<out>/MANIFEST.json`` of ``cbir train-autoencoder``: a typed record, in the style of ``artefacts.manifests``.
+"""``<out>/MANIFEST.json`` of ``cbir train-autoencoder``: the commit point of a training output.
 
-It is the commit point of a training output (ARCHITECTURE.md, "Autoencoders on pixels"):
-what was read and how it was decoded, the accounting checked before publishing, the
-network's configuration, the trained weights as data (``weights/``, their digest) and the
-SavedModels exported from them, the loss history and the held-out scores, the pictures and
-the TensorBoard run. Everything a run determines from its seed and its data is outside
-``timings``, ``run_id`` and ``created_utc``, so two runs with the same seed on the same data
-write the same manifest apart from those (tests/pipelines/test_train_autoencoder.py).
+It records (ARCHITECTURE.md, "Autoencoders on pixels") what was read and how it was decoded,
+the accounting checked before publishing, the network's configuration, the trained weights
+as data (``weights/``, their digest) and the SavedModels exported from them, the loss history
+and the held-out scores, the pictures and the TensorBoard run. Everything a run determines
+from its seed and its data is outside ``timings``, ``run_id`` and ``created_utc``, so two runs
+with the same seed on the same data write the same manifest apart from those
+(tests/pipelines/test_train_autoencoder.py).
 
 ``cbir denoise`` and ``cbir query --denoise`` read it to rebuild the network from the
 weights data (never from a SavedModel), after checking the weights digest.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from artefacts.manifests import Accounting, FileDigest, Manifest, PartFile
+from artefacts.manifests.base import Accounting, FileDigest, Manifest, PartFile
 
 KIND_AUTOENCODER = "autoencoder"
 KIND_DENOISING = "denoising_autoencoder"
