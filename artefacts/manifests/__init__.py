@@ -1,6 +1,6 @@
 """The manifests every job writes, as typed records with one reader and one writer; one module per kind.
 
-Seven kinds (ARCHITECTURE.md, "Artefacts"):
+Seven kinds (ARCHITECTURE.md, "Artefacts"), and one record that is not a manifest:
 
 =====================  ==========================================  ===========================================
 kind (module)          written by                                  file
@@ -12,6 +12,7 @@ kind (module)          written by                                  file
 ``cbir-savedmodel``    ``cbir export-model`` (``export_card``)     ``<N>/assets.extra/cbir_export.json``
 ``pixel-autoencoder``  ``cbir train-autoencoder``                  ``<out>/MANIFEST.json``
 ``top-patches``        ``cbir top-patches``                        ``<out>/MANIFEST.json``
+(``shard_record``)     the index shard builder                     ``<version>/shards/shard-NNNNN/SHARD.json``
 =====================  ==========================================  ===========================================
 
 Each is a dataclass; what they share (the base class, the JSON converter, run ids and
@@ -29,6 +30,8 @@ from artefacts.manifests.base import (
     PartFile,
     fingerprint,
     new_run_id,
+    record_from_dict,
+    record_to_json,
     utc_now,
 )
 from artefacts.manifests.export_card import ExportCard
@@ -44,12 +47,14 @@ from artefacts.manifests.pixel_autoencoder import (
     SavedModelInfo,
     WeightsInfo,
 )
+from artefacts.manifests.shard_record import LEGACY_INDEX_TYPES, ShardAnnoy, ShardHnsw, ShardRecord
 from artefacts.manifests.shards import PackedShard, ShardsCounts, ShardsManifest
 from artefacts.manifests.top_patches import TopPatchesManifest
 
 __all__ = [
     "KIND_AUTOENCODER",
     "KIND_DENOISING",
+    "LEGACY_INDEX_TYPES",
     "Accounting",
     "AnnoyParams",
     "Dimension",
@@ -71,6 +76,9 @@ __all__ = [
     "PixelCounts",
     "PixelShards",
     "SavedModelInfo",
+    "ShardAnnoy",
+    "ShardHnsw",
+    "ShardRecord",
     "ShardsCounts",
     "ShardsManifest",
     "TopPatchesManifest",
@@ -78,5 +86,7 @@ __all__ = [
     "WeightsInfo",
     "fingerprint",
     "new_run_id",
+    "record_from_dict",
+    "record_to_json",
     "utc_now",
 ]
