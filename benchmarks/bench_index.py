@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                              "largest size; '' skips it")
     parser.add_argument("--quick", action="store_true", help="20k vectors, no neighbours job, no RESULTS.md")
     args = parser.parse_args(argv)
-    from index_builder import hnsw
+    from index_builder.types import hnsw
 
     m = args.hnsw_m or hnsw.DEFAULT_M
     ef_c = args.hnsw_ef_construction or hnsw.DEFAULT_EF_CONSTRUCTION

@@ -10,7 +10,7 @@ manifest; the searcher uses them unless told otherwise. This replaces fixed rule
 
 For Annoy and LSH the queries are items of the shard, so each search asks for k + 1 results
 and drops the query itself, as a neighbour table or a leave-one-out evaluation does. HNSW is
-calibrated on queries its graph has not seen yet (``index_builder.hnsw.build``), because an
+calibrated on queries its graph has not seen yet (``index_builder.types.hnsw.build``), because an
 item already in the graph is found through its own links and makes recall look better than
 it is for new images.
 """

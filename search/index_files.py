@@ -22,7 +22,7 @@ from artefacts import layout, signing
 from artefacts.manifests import IndexManifest, ManifestError
 from artefacts.transform import VectorTransform
 from index_builder import local_store
-from index_builder.hnsw import HNSW_FILE
+from index_builder.types.hnsw import HNSW_FILE
 from plumbing import fsutil
 
 log = logging.getLogger(__name__)

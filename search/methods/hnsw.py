@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from artefacts import layout
-from index_builder import hnsw
-from search.methods.base import Method, SearchOptions
+from index_builder.types import hnsw
+from search.methods.base import Method
+from search.options import SearchOptions
 
 
 class HnswMethod(Method):
@@ -26,5 +27,5 @@ class HnswMethod(Method):
     def search(self, handle: Any, shard: Any, q: np.ndarray, n: int, opts: SearchOptions
                ) -> tuple[np.ndarray, np.ndarray | None]:
         index, calibrated = handle
-        ef = opts.ef_search or max(calibrated, n)
+        ef = opts.effort.hnsw_ef_search or max(calibrated, n)
         return hnsw.search(index, q, n, ef)

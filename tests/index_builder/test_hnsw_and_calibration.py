@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 from artefacts import layout
-from index_builder import calibration, hnsw, lsh
+from index_builder import calibration, lsh
 from index_builder.shard import ShardItems, ShardParams, build_shard
+from index_builder.types import annoy as annoy_type
+from index_builder.types import hnsw
+from index_builder.types.base import BuildSettings
 
 
 def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -68,11 +71,12 @@ def test_calibration_meets_its_target_on_items_it_did_not_tune_on(tmp_path):
     ids = [f"i{j:05d}" for j in range(len(vectors))]
     items = ShardItems(ids, ids, [None] * len(ids), [""] * len(ids), vectors)
     planes, offsets = lsh.fit_projection(vectors[:3000], 128, seed=1)
-    params = ShardParams(trees=20, seed=7, target_recall=0.9, calibration_queries=150)
+    params = ShardParams(type_params={"annoy": annoy_type.Params(trees=20)},
+                         settings=BuildSettings(seed=7, target_recall=0.9, calibration_queries=150))
     info = build_shard(items, 0, str(tmp_path), planes, params, offsets=offsets)
     cal = info["calibration"]
     assert cal["target_recall"] == 0.9 and cal["queries"] == 150
-    tuned = set(calibration.held_out_queries(len(vectors), 150, params.seed + 0).tolist())
+    tuned = set(calibration.held_out_queries(len(vectors), 150, params.settings.seed + 0).tolist())
     fresh = np.asarray([i for i in range(0, len(vectors), 7) if i not in tuned][:300])
     truth = calibration.exact_neighbours(vectors, fresh, 10)
 
@@ -119,4 +123,4 @@ def test_index_types_are_checked():
     with pytest.raises(ValueError, match="--index-types"):
         ShardParams(index_types=())
     with pytest.raises(ValueError, match="--target-recall"):
-        ShardParams(target_recall=1.5)
+        ShardParams(settings=BuildSettings(target_recall=1.5))

@@ -16,14 +16,21 @@ from annoy import AnnoyIndex
 from artefacts import layout
 from artefacts.manifests import IndexManifest
 from index_builder import lsh
-from index_builder.shard import ShardItems, ShardParams, annoy_bytes_estimate, build_annoy, build_shard
+from index_builder.shard import ShardItems, ShardParams, build_shard
+from index_builder.types import annoy as annoy_type
+from index_builder.types.base import BuildSettings
 from pipelines import index
+from plumbing import publish as protocol
 from search.index_files import resolve, verify_files
 from search.searcher import Searcher
 from transforms import features_io
 from transforms.feature_sets import feature_files
 
 FLOAT16_EPS = 2.0**-11  # half a float16 ulp, relative
+
+
+def _trees(trees: int) -> ShardParams:
+    return ShardParams(type_params={"annoy": annoy_type.Params(trees=trees)})
 
 
 # -- fixtures -------------------------------------------------------------------------------------
@@ -265,8 +272,8 @@ def test_on_disk_annoy_build_matches_in_memory(published, tmp_path):
     planes = lsh.hyperplanes(vectors.shape[1], 64, seed=5)
     infos = {}
     for name, threshold in (("disk", 1), ("ram", 1 << 40)):
-        params = ShardParams(trees=8, n_jobs=1, on_disk_bytes=threshold, seed=9, index_types=("annoy", "lsh"),
-                             target_recall=0)
+        params = ShardParams(index_types=("annoy", "lsh"), type_params={"annoy": annoy_type.Params(8, threshold)},
+                             settings=BuildSettings(seed=9, n_jobs=1, target_recall=0))
         infos[name] = build_shard(items, 0, str(tmp_path / name), planes, params)
     assert infos["disk"]["annoy"]["on_disk_build"] and not infos["ram"]["annoy"]["on_disk_build"]
     disk, ram = (tmp_path / n / layout.ANNOY_FILE for n in ("disk", "ram"))
@@ -284,14 +291,14 @@ def test_on_disk_annoy_build_matches_in_memory(published, tmp_path):
 def test_annoy_size_estimate_is_close(tmp_path, n, dim, trees):
     vectors = np.random.default_rng(n).standard_normal((n, dim)).astype(np.float32)
     path = tmp_path / "a.ann"
-    build_annoy(vectors, str(path), ShardParams(trees=trees))
-    estimate = annoy_bytes_estimate(n, dim, trees)
+    annoy_type.build_file(vectors, str(path), annoy_type.Params(trees=trees), seed=1234)
+    estimate = annoy_type.bytes_estimate(n, dim, trees)
     assert 0.75 < estimate / path.stat().st_size < 1.25
 
 
 def test_an_empty_shard_is_a_valid_shard(tmp_path):
     items = ShardItems([], [], [], [], np.zeros((0, 16), np.float32))
-    info = build_shard(items, 3, str(tmp_path), lsh.hyperplanes(16, 64, 1), ShardParams(trees=5))
+    info = build_shard(items, 3, str(tmp_path), lsh.hyperplanes(16, 64, 1), _trees(5))
     assert info["items"] == 0 and info["shard"] == 3
     assert np.load(tmp_path / layout.VECTORS_FILE).shape == (0, 16)
     assert pq.read_table(tmp_path / layout.IDMAP_FILE).num_rows == 0
@@ -378,7 +385,7 @@ def test_config_is_checked_before_any_work(tmp_path):
 def _staged_shard(staging, shard: int, attempt: str, planes, n: int = 30) -> str:
     folder = staging / "attempts" / f"shard-{shard:05d}-{attempt}"
     rows = _rows(n, dim=planes.shape[0], seed=shard)
-    build_shard(ShardItems.from_rows(rows, planes.shape[0]), shard, str(folder), planes, ShardParams(trees=2))
+    build_shard(ShardItems.from_rows(rows, planes.shape[0]), shard, str(folder), planes, _trees(2))
     return str(folder)
 
 
@@ -448,7 +455,7 @@ def test_interrupted_builds_leave_the_published_index_and_the_next_build_cleans_
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("simulated kill before the commit")
 
-    monkeypatch.setattr(index.protocol, "commit", killed)
+    monkeypatch.setattr(protocol, "commit", killed)
     with pytest.raises(KeyboardInterrupt):
         index.run(index.IndexConfig(**cfg))
     monkeypatch.undo()

@@ -32,16 +32,37 @@ with a flat or IVF index instead. HNSW here is the CPU path.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from artefacts import layout
+from artefacts.manifests import HnswParams
+from index_builder import calibration
+from index_builder.types.base import IndexType, ShardBuild
+
+log = logging.getLogger(__name__)
+
 HNSW_FILE = "hnsw.faiss"
 DEFAULT_M = 32
 DEFAULT_EF_CONSTRUCTION = 40
 DEFAULT_EF_SEARCH = 64
+EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    m: int = DEFAULT_M
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION
+
+    def __post_init__(self) -> None:
+        if self.m < 2 or self.ef_construction < 1:
+            raise ValueError("--hnsw-m must be at least 2 and --hnsw-ef-construction at least 1")
 
 
 def _faiss():
@@ -111,3 +132,58 @@ def search(index, queries: np.ndarray, n: int, ef_search: int) -> tuple[np.ndarr
     if (ids < 0).any():
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
     return ids.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
+
+
+class HnswType(IndexType):
+    """Calibrated while it is built: the held-out queries join the graph last (see :func:`build`)."""
+
+    name = "hnsw"
+    files = (HNSW_FILE,)
+    effort_key = "ef_search"
+    parallel = False  # faiss spreads a batch over its OpenMP threads itself
+    Params = Params
+
+    @classmethod
+    def build(cls, shard: ShardBuild) -> dict[str, Any]:
+        params = cls.params(shard)
+        log.info("shard %d: HNSW graph (M=%d, efConstruction=%d)…", shard.number, params.m, params.ef_construction)
+        calibrating = shard.query_ids is not None
+        shard.built["hnsw_calibration"] = build(
+            shard.vectors, shard.path(HNSW_FILE), params.m, params.ef_construction, held_out=shard.query_ids,
+            while_held_out=(lambda index: cls._calibrate_on(index, shard)) if calibrating else None,
+        )
+        return {"m": params.m, "ef_construction": params.ef_construction}
+
+    @classmethod
+    def _calibrate_on(cls, index: Any, shard: ShardBuild) -> dict[str, Any]:
+        """The smallest efSearch reaching the target for items the graph does not hold yet."""
+        k = shard.settings.calibration_k
+        grid = [e for e in EF_GRID if e >= k + 1]
+        found = calibration.calibrate(lambda q, m, ef: search(index, q, m, ef)[0], grid, shard.vectors,
+                                      shard.query_ids, shard.truth(leave_out_all=True),
+                                      shard.settings.target_recall, threads=shard.settings.threads)
+        return {**found.to_dict(cls.effort_key), "queries": "held out of the graph"}
+
+    @classmethod
+    def calibrate(cls, shard: ShardBuild) -> dict[str, Any] | None:
+        return shard.built.get("hnsw_calibration")
+
+    @classmethod
+    def manifest_params(cls, cfg_params: Params, seed: int, shards: list[dict[str, Any]],
+                        summary: dict[str, Any] | None) -> HnswParams:
+        efforts = [int(e[cls.effort_key]) for e in (summary or {}).get("per_shard", []) if e]
+        return HnswParams(m=cfg_params.m, ef_construction=cfg_params.ef_construction,
+                          ef_search=max(efforts, default=DEFAULT_EF_SEARCH), calibration=summary)
+
+    # -- search -------------------------------------------------------------------------------------
+
+    def open_shard(self, shard_dir: str, n: int, number: int, dense: Any) -> Any:
+        index = open_mapped(os.path.join(shard_dir, HNSW_FILE))
+        if index.ntotal != n:
+            raise layout.IndexIntegrityError(f"{shard_dir}: the HNSW graph holds {index.ntotal} items, the id map {n}")
+        ef = self.calibrated(number) or (self.manifest.hnsw.ef_search if self.manifest.hnsw else 0)
+        return index, ef or DEFAULT_EF_SEARCH
+
+    def search(self, handle: Any, q: np.ndarray, n: int, effort: int) -> tuple[np.ndarray, np.ndarray | None]:
+        index, calibrated = handle
+        return search(index, q, n, effort or max(calibrated, n))

@@ -1,0 +1,171 @@
+"""Annoy (angular): random-projection trees, memory-mapped, searched per query with the GIL released.
+
+Annoy writes and maps local files only, so a shard's trees are built on the worker's disk. Ids
+must be dense (memory is allocated for the largest id), the file stores neither dimension nor
+metric (the manifest keeps them), and items cannot be added after ``build``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import numpy as np
+from annoy import AnnoyIndex
+
+from artefacts import layout
+from artefacts.manifests import AnnoyParams
+from index_builder import calibration
+from index_builder.types.base import IndexType, ShardBuild
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TREES = 50
+DEFAULT_ON_DISK_BYTES = 1 << 30  # Annoy builds in its file above this: RAM for the vectors, not the trees
+RERANK_FACTOR = 4  # Annoy candidates per shard = RERANK_FACTOR * k when they are re-scored
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    trees: int = DEFAULT_TREES
+    on_disk_bytes: int = DEFAULT_ON_DISK_BYTES  # build in the file above this estimated index size
+
+    def __post_init__(self) -> None:
+        if self.trees < 1:
+            raise ValueError(f"--trees must be at least 1, not {self.trees}")
+        if self.on_disk_bytes < 0:
+            raise ValueError("the on-disk threshold cannot be negative")
+
+
+def bytes_estimate(n: int, dim: int, trees: int) -> int:
+    """Size of an angular Annoy index of n items, close enough to choose RAM or disk.
+
+    A node is 12 bytes of header plus the vector; each tree adds split nodes for
+    about 3n/(dim + 2) of them, since a leaf holds up to dim + 2 item ids.
+    """
+    node = 12 + 4 * dim
+    return int(node * n * (1 + 3 * trees / (dim + 2)))
+
+
+def build_file(vectors: np.ndarray, path: str, params: Params, seed: int, n_jobs: int = -1) -> bool:
+    """Builds and writes an angular Annoy index of ``vectors`` (ids 0..n-1); True if built on disk.
+
+    Above ``params.on_disk_bytes`` the nodes are written straight into ``path`` as they are
+    built (``on_disk_build``), so a shard larger than the worker's RAM still builds; below,
+    building in memory and saving is faster.
+    """
+    n, dim = vectors.shape
+    index = AnnoyIndex(dim, layout.METRIC)
+    index.set_seed(seed)
+    on_disk = bytes_estimate(n, dim, params.trees) > params.on_disk_bytes
+    if on_disk:
+        if os.path.exists(path):
+            os.remove(path)
+        index.on_disk_build(path)  # must precede add_item
+    for i in range(n):
+        index.add_item(i, vectors[i])
+    index.build(params.trees, n_jobs=n_jobs)
+    if not on_disk:
+        index.save(path)
+    index.unload()
+    return on_disk
+
+
+def _ids(index: AnnoyIndex, q: np.ndarray, n: int, search_k: int) -> np.ndarray:
+    """Ids only (what calibration needs): Annoy skips the distances."""
+    ids = np.full((len(q), n), -1, np.int64)
+    for row, vec in enumerate(q.tolist()):
+        r = index.get_nns_by_vector(vec, n, search_k=search_k)
+        ids[row, : len(r)] = r
+    return ids
+
+
+def _search_file(index: AnnoyIndex, q: np.ndarray, n: int, search_k: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(q), n), -1, np.int64)
+    dists = np.full((len(q), n), np.inf, np.float32)
+    for row, vec in enumerate(q.tolist()):  # lists convert faster than arrays in Annoy's binding
+        r, d = index.get_nns_by_vector(vec, n, search_k=search_k, include_distances=True)
+        ids[row, : len(r)] = r
+        dists[row, : len(d)] = d
+    scores = np.where(ids >= 0, 1.0 - np.square(dists) / 2.0, -np.inf).astype(np.float32)  # angular → cosine
+    return ids, scores
+
+
+class AnnoyType(IndexType):
+    name = "annoy"
+    files = (layout.ANNOY_FILE,)
+    effort_key = "search_k"
+    Params = Params
+
+    @classmethod
+    def build(cls, shard: ShardBuild) -> dict[str, Any]:
+        params = cls.params(shard)
+        n, dim = shard.vectors.shape
+        log.info("shard %d: Annoy, %d trees over %s items…", shard.number, params.trees, f"{n:,}")
+        on_disk = build_file(shard.vectors, shard.path(layout.ANNOY_FILE), params, shard.settings.seed,
+                             shard.settings.n_jobs)
+        return {"trees": params.trees, "on_disk_build": on_disk,
+                "estimated_bytes": bytes_estimate(n, dim, params.trees)}
+
+    @classmethod
+    def calibrate(cls, shard: ShardBuild) -> dict[str, Any] | None:
+        if shard.query_ids is None:
+            return None
+        params, k, n = cls.params(shard), shard.settings.calibration_k, shard.size
+        index = AnnoyIndex(shard.vectors.shape[1], layout.METRIC)
+        index.load(shard.path(layout.ANNOY_FILE))
+        try:
+            grid = calibration.geometric_grid(params.trees * (k + 1), params.trees * n * 2, 1.6)
+            found = calibration.calibrate(lambda q, m, search_k: _ids(index, q, m, search_k), grid,
+                                          shard.vectors, shard.query_ids, shard.truth(), shard.settings.target_recall,
+                                          threads=shard.settings.threads)
+        finally:
+            index.unload()
+        return found.to_dict(cls.effort_key)
+
+    @classmethod
+    def manifest_params(cls, cfg_params: Params, seed: int, shards: list[dict[str, Any]],
+                        summary: dict[str, Any] | None) -> AnnoyParams:
+        efforts = [e for e in (summary or {}).get("per_shard", []) if e and e.get(cls.effort_key)]
+        return AnnoyParams(
+            trees=cfg_params.trees, metric=layout.METRIC, seed=seed,
+            search_k=max((int(e[cls.effort_key]) for e in efforts), default=-1),
+            on_disk_build_shards=[s for s, i in enumerate(shards) if (i.get("annoy") or {}).get("on_disk_build")],
+            calibration=summary,
+        )
+
+    # -- search -------------------------------------------------------------------------------------
+
+    @property
+    def default_search_k(self) -> int:
+        """The largest search_k calibration chose over the shards; -1 (Annoy's own default) when none."""
+        params = self.manifest.annoy
+        return int(params.search_k) if params and params.search_k else -1
+
+    def open_shard(self, shard_dir: str, n: int, number: int, dense: Any) -> Any:
+        if not n:
+            return None
+        index = AnnoyIndex(self.dim, layout.METRIC)
+        index.load(os.path.join(shard_dir, layout.ANNOY_FILE))  # memory-mapped, shared between processes
+        if index.get_n_items() != n:
+            raise layout.IndexIntegrityError(f"{shard_dir}: Annoy holds {index.get_n_items()} items, the id map {n}")
+        return index, self.calibrated(number) or self.default_search_k
+
+    def close_shard(self, handle: Any) -> None:
+        if handle is not None:
+            handle[0].unload()
+
+    def candidates(self, handle: Any, k: int, requested: int, reranked: bool) -> int:
+        return requested or (RERANK_FACTOR * k if reranked else k)
+
+    def search(self, handle: Any, q: np.ndarray, n: int, effort: int) -> tuple[np.ndarray, np.ndarray | None]:
+        index, calibrated = handle
+        if effort:
+            search_k = effort
+        elif calibrated > 0:  # calibrated for k candidates: keep at least trees × n for more
+            search_k = max(calibrated, self.manifest.annoy.trees * n)
+        else:
+            search_k = -1
+        return _search_file(index, q, n, search_k)

@@ -1,0 +1,168 @@
+"""The one interface every index type implements, and the shard being built that it builds into.
+
+An index type is one module: its build parameters, how it builds a shard's files, how it
+calibrates its search effort on the shard's own items, how a searcher opens it (memory-mapped
+where the library allows) and searches it with an effort given per call. The shard builder,
+the manifest, the file checks and the searcher loop over :mod:`index_builder.types.registry`
+and never branch on a type's name, so adding a type is one module plus one registry line.
+
+Build side (class methods: no searcher state): :meth:`IndexType.build` writes the type's files
+into the shard folder and returns its ``SHARD.json`` entry; :meth:`IndexType.calibrate` returns
+the effort reaching the target recall on held-out items. Search side (an instance per opened
+version, which knows the version's manifest): :meth:`IndexType.open_shard`,
+:meth:`IndexType.candidates` (how many candidates a shard is asked for), :meth:`IndexType.search`.
+The effort is a plain integer in the type's own unit (``search_k``, ``efSearch``, candidate
+count); 0 asks for the value the shard calibrated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, ClassVar
+
+import numpy as np
+
+from index_builder import calibration
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildSettings:
+    """What every type's build shares: seed, threads, the calibration target."""
+
+    seed: int = 1234
+    n_jobs: int = -1  # all cores of the worker
+    target_recall: float = calibration.DEFAULT_TARGET  # 0 turns calibration off
+    calibration_k: int = calibration.DEFAULT_K
+    calibration_queries: int = calibration.DEFAULT_QUERIES
+
+    @property
+    def threads(self) -> int:
+        """Threads calibration measures recall with: the worker's cores, as the builds use."""
+        return self.n_jobs if self.n_jobs > 0 else (os.cpu_count() or 1)
+
+
+@dataclasses.dataclass
+class ShardBuild:
+    """One shard being built in a local folder: its vectors and what the types share.
+
+    ``vectors`` are float32 holding float16 values (the precision the shard stores), so every
+    structure is built from exactly the values exact scoring reads. ``query_ids`` are the
+    held-out calibration queries (None when the shard is too small or calibration is off).
+    """
+
+    number: int
+    out_dir: str
+    vectors: np.ndarray
+    planes: np.ndarray
+    offsets: np.ndarray | None
+    settings: BuildSettings
+    type_params: dict[str, Any]
+    query_ids: np.ndarray | None = None
+    image_ids: list[str] = dataclasses.field(default_factory=list)
+    sha256: list[str] = dataclasses.field(default_factory=list)
+    local_rows: Any = None  # pyarrow Table of local-feature rows, or None
+    built: dict[str, Any] = dataclasses.field(default_factory=dict)  # type name -> what its build returned
+
+    @property
+    def size(self) -> int:
+        return len(self.vectors)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.out_dir, name)
+
+    @functools.cached_property
+    def stored(self) -> np.ndarray:
+        """The shard's ``vectors.f16.npy`` read back memory-mapped (written before any type builds)."""
+        from artefacts import layout
+
+        return np.load(self.path(layout.VECTORS_FILE), mmap_mode="r")
+
+    def truth(self, leave_out_all: bool = False) -> np.ndarray:
+        """Exact top-k of the held-out queries (each query left out, or all of them)."""
+        key = f"_truth_{leave_out_all}"
+        if key not in self.__dict__:
+            self.__dict__[key] = calibration.exact_neighbours(
+                self.vectors, self.query_ids, self.settings.calibration_k, leave_out_all=leave_out_all)
+        return self.__dict__[key]
+
+
+class IndexType:
+    """Base of every index type. Subclasses set the class attributes and override what they have."""
+
+    name: ClassVar[str] = ""
+    files: ClassVar[tuple[str, ...]] = ()  # the files it writes in each shard folder
+    effort_key: ClassVar[str] = ""  # its effort's name in SHARD.json and the manifest's calibration
+    selectable: ClassVar[bool] = True  # chosen with --index-types (exact is always there, votes with local features)
+    exact_scores: ClassVar[bool] = True  # its scores are the cosines of the stored vectors
+    parallel: ClassVar[bool] = True  # searches per query with the GIL released: worth a thread per chunk
+    Params: ClassVar[type] = type(None)  # its build parameters
+
+    # -- build --------------------------------------------------------------------------------------
+
+    @classmethod
+    def params(cls, shard: ShardBuild) -> Any:
+        return shard.type_params.get(cls.name) or (cls.Params() if cls.Params is not type(None) else None)
+
+    @classmethod
+    def build(cls, shard: ShardBuild) -> dict[str, Any] | None:
+        """Writes this type's files for ``shard``; returns its SHARD.json entry (None: nothing to record)."""
+        return None
+
+    @classmethod
+    def calibrate(cls, shard: ShardBuild) -> dict[str, Any] | None:
+        """The smallest effort reaching the target recall on the held-out queries, or None."""
+        return None
+
+    @classmethod
+    def manifest_params(cls, cfg_params: Any, seed: int, shards: list[dict[str, Any]],
+                        summary: dict[str, Any] | None) -> Any:
+        """The record the index manifest keeps for this type (None: nothing)."""
+        return None
+
+    # -- search -------------------------------------------------------------------------------------
+
+    def __init__(self, version_dir: str, manifest: Any):
+        self.version_dir = version_dir
+        self.manifest = manifest
+        self.dim = manifest.dimension.output
+
+    @property
+    def recorded(self) -> Any:
+        """This type's record in the manifest (a field of its name, or an unknown key kept in ``extra``)."""
+        found = getattr(self.manifest, self.name, None)
+        return found if found is not None else (self.manifest.extra or {}).get(self.name)
+
+    def calibrated(self, number: int) -> int | None:
+        """The effort calibration chose for shard ``number`` (None when the index recorded none)."""
+        cal = _get(self.recorded, "calibration")
+        per_shard = (cal or {}).get("per_shard") or []
+        entry = per_shard[number] if number < len(per_shard) else None
+        return int(entry[self.effort_key]) if entry and entry.get(self.effort_key) is not None else None
+
+    @property
+    def calibration_k(self) -> int:
+        return int((_get(self.recorded, "calibration") or {}).get("k") or calibration.DEFAULT_K)
+
+    def open_shard(self, shard_dir: str, n: int, number: int, dense: Any) -> Any:
+        """This type's handle on a shard folder holding ``n`` items; ``dense()`` gives its stored vectors."""
+        return None
+
+    def close_shard(self, handle: Any) -> None:
+        return None
+
+    def candidates(self, handle: Any, k: int, requested: int, reranked: bool) -> int:
+        """Candidates a shard is asked for: ``requested`` when given (> 0), else the type's rule for k."""
+        return requested or k
+
+    def search(self, handle: Any, q: np.ndarray, n: int, effort: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Local ids ``(b, ≤n)`` int64 padded with -1, and float32 cosines of the same shape (None when
+        its order is not by cosine: the searcher re-scores exactly)."""
+        raise NotImplementedError
+
+
+def _get(record: Any, key: str) -> Any:
+    if record is None:
+        return None
+    return record.get(key) if isinstance(record, dict) else getattr(record, key, None)
