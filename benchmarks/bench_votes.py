@@ -70,24 +70,25 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
 
     from index_builder import local_store
+    from index_builder.types import votes as votes_type
 
     rng = np.random.default_rng(0)
     parts = _dev_descriptors(args.features)
     offsets, desc = _synthetic(parts, args.images, args.per_image, rng)
     m = len(desc)
     print(f"setup: {machine()}\n       {args.images:,} images, {m:,} descriptors from {len(parts):,} dev photos' "
-          f"SIFT, kind {local_store.vote_index_kind(m)}, nprobe {local_store.VOTE_NPROBE}", flush=True)
+          f"SIFT, kind {votes_type.vote_index_kind(m)}, nprobe {votes_type.VOTE_NPROBE}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="cbir-votes-"))
     try:
         np.save(work / local_store.OFFSETS_FILE, offsets)
         np.save(work / local_store.DESCRIPTORS_FILE, desc)
         started = time.perf_counter()
-        info = local_store.write_vote_index(str(work))
+        info = votes_type.write_vote_index(str(work))
         build_s = time.perf_counter() - started
-        size = os.path.getsize(work / local_store.VOTES_FILE)
+        size = os.path.getsize(work / votes_type.VOTES_FILE)
         peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         print(f"  build {build_s:.0f}s, {size / 1e9:.2f} GB file, peak RSS {peak_gb:.1f} GB", flush=True)
-        index = local_store.open_vote_index(str(work))
+        index = votes_type.open_vote_index(str(work))
         targets = rng.choice(args.images, size=args.queries, replace=False)
         queries = []
         for t in targets:
@@ -95,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             keep = rng.random(len(d)) >= 0.3
             q = np.clip(d[keep].astype(np.int16) + rng.integers(-3, 4, size=d[keep].shape), 0, 255)
             queries.append(local_store.root_sift(q.astype(np.uint8)))
-        local_store.votes(index, queries[0], args.images)
+        votes_type.votes(index, queries[0], args.images)
         hits, started = 0, time.perf_counter()
         for t, q in zip(targets, queries, strict=True):
-            v = local_store.votes(index, q, args.images)
+            v = votes_type.votes(index, q, args.images)
             hits += int(v.argmax() == t and v[t] > 0)
         ivf_ms = 1000 * (time.perf_counter() - started) / len(queries)
         print(f"  vote index: image itself first for {hits}/{len(queries)}, {ivf_ms:.1f} ms/query", flush=True)
@@ -109,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         n_exact = min(args.exact_queries, len(queries))
         exact_hits, agree, started = 0, 0, time.perf_counter()
         for t, q in zip(targets[:n_exact], queries[:n_exact], strict=True):
-            v = local_store.votes(exact, q, args.images)
+            v = votes_type.votes(exact, q, args.images)
             exact_hits += int(v.argmax() == t and v[t] > 0)
-            agree += int(v.argmax() == local_store.votes(index, q, args.images).argmax())
+            agree += int(v.argmax() == votes_type.votes(index, q, args.images).argmax())
         exact_ms = 1000 * (time.perf_counter() - started) / n_exact
         print(f"  exact baseline: image itself first for {exact_hits}/{n_exact}, {exact_ms:.0f} ms/query; "
               f"top-voted image the same as the vote index's for {agree}/{n_exact}", flush=True)

@@ -282,8 +282,10 @@ def _write_idmap(items: ShardItems, out_dir: str) -> None:
 
 def _write_local(build: ShardBuild, params: ShardParams) -> dict[str, Any]:
     counts: dict[str, Any] = local_store.write_shard(build.out_dir, build.image_ids, build.sha256, build.local_rows)
-    log.info("shard %d: vote index over %d local descriptors…", build.number, counts["keypoints"])
-    counts["vote_index"] = local_store.write_vote_index(build.out_dir, seed=build.number)
+    for name in registry.LOCAL:
+        t = registry.get(name)
+        log.info("shard %d: %s over %d local descriptors…", build.number, name, counts["keypoints"])
+        counts[t.local_record] = t.build(build)
     return counts
 
 

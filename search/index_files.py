@@ -22,6 +22,7 @@ from artefacts import layout, signing
 from artefacts.manifests import IndexManifest, ManifestError
 from artefacts.transform import VectorTransform
 from index_builder import local_store
+from index_builder.types import votes as votes_type
 from index_builder.types.hnsw import HNSW_FILE
 from plumbing import fsutil
 
@@ -132,7 +133,7 @@ def required_files(manifest: IndexManifest) -> list[str]:
     if manifest.local_features:
         per_shard += list(local_store.FILES)
         if manifest.local_features.get("vote_index"):  # indexes built before the vote index have none
-            per_shard.append(local_store.VOTES_FILE)
+            per_shard.append(votes_type.VOTES_FILE)
     if manifest.graph:
         need += [layout.GRAPH_NEIGHBOURS, layout.GRAPH_SIMILARITIES]
     for s in range(manifest.shards):

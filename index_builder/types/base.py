@@ -97,6 +97,7 @@ class IndexType:
     selectable: ClassVar[bool] = True  # chosen with --index-types (exact is always there, votes with local features)
     exact_scores: ClassVar[bool] = True  # its scores are the cosines of the stored vectors
     parallel: ClassVar[bool] = True  # searches per query with the GIL released: worth a thread per chunk
+    local_record: ClassVar[str] = ""  # built from the shard's local features; its SHARD.json key under local_features
     Params: ClassVar[type] = type(None)  # its build parameters
 
     # -- build --------------------------------------------------------------------------------------

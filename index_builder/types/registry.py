@@ -15,10 +15,12 @@ from index_builder.types.base import IndexType
 from index_builder.types.exact import ExactType
 from index_builder.types.hnsw import HnswType
 from index_builder.types.lsh import LshType
+from index_builder.types.votes import VotesType
 
-TYPES: dict[str, type[IndexType]] = {t.name: t for t in (AnnoyType, LshType, HnswType, ExactType)}
+TYPES: dict[str, type[IndexType]] = {t.name: t for t in (AnnoyType, LshType, HnswType, ExactType, VotesType)}
 SELECTABLE: tuple[str, ...] = tuple(name for name, t in TYPES.items() if t.selectable)  # --index-types choices
 DEFAULT_TYPES: tuple[str, ...] = SELECTABLE
+LOCAL: tuple[str, ...] = tuple(name for name, t in TYPES.items() if t.local_record)  # built from local features
 
 
 def get(name: str) -> type[IndexType]:

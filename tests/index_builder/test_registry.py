@@ -7,15 +7,29 @@ type that is registered but cannot do one of these would break an index at build
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from artefacts.manifests import Dimension, IndexManifest, TransformInfo
-from index_builder import calibration, lsh
+from index_builder import calibration, local_store, lsh
 from index_builder.shard import ShardItems, ShardParams, build_shard
 from index_builder.types import registry
 from index_builder.types.base import BuildSettings, IndexType
 
 N, DIM, K = 1500, 32, 10
+KEYPOINTS = 12
+
+
+def _local_rows(ids: list[str]) -> tuple[pa.Table, np.ndarray]:
+    """Every item with its own random SIFT-like descriptors (uint8), as extract writes them."""
+    rng = np.random.default_rng(5)
+    desc = rng.integers(0, 256, (len(ids), KEYPOINTS, local_store.DESCRIPTOR_DIM), dtype=np.uint8)
+    points = rng.random((len(ids), KEYPOINTS, 2), dtype=np.float32) * 100
+    table = pa.Table.from_pylist([
+        {"image_id": i, "sha256": "", "keypoints": KEYPOINTS, "width": 100, "height": 100,
+         "points": points[j].astype("<f4").tobytes(), "descriptors": desc[j].tobytes(), "error": None}
+        for j, i in enumerate(ids)], schema=local_store.LOCAL_SCHEMA)
+    return table, desc
 
 
 def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -36,18 +50,21 @@ def built(tmp_path_factory):
     np.save(out / "lsh_planes.npy", planes)
     np.save(out / "lsh_offsets.npy", offsets)
     params = ShardParams(index_types=registry.SELECTABLE, type_params=registry.default_params(registry.SELECTABLE),
-                         settings=BuildSettings(n_jobs=1, target_recall=0.9, calibration_queries=100))
+                         settings=BuildSettings(n_jobs=1, target_recall=0.9, calibration_queries=100),
+                         local_features=True)
+    local_rows, descriptors = _local_rows(ids)
     info = build_shard(ShardItems(ids, ids, [None] * N, [""] * N, vectors), 0, str(out / "shard"), planes, params,
-                       offsets=offsets)
+                       offsets=offsets, local_rows=local_rows)
     records = registry.manifest_records(registry.SELECTABLE, params.type_params, 1234, [info], 0.9)
     manifest = IndexManifest(version="v", created_utc="", metric="angular", dimension=Dimension(DIM, DIM),
                              transform=TransformInfo(["l2"], 0), shards=1, items=N, model={}, model_fingerprint="",
                              files={}, index_types=list(registry.SELECTABLE), **records)
-    return out, vectors, info, manifest
+    return out, vectors, info, manifest, descriptors
 
 
 def test_the_registry_lists_every_type_once_with_its_files():
-    assert set(registry.SELECTABLE) == {"annoy", "lsh", "hnsw"} and "exact" in registry.TYPES
+    assert set(registry.SELECTABLE) == {"annoy", "lsh", "hnsw"}
+    assert set(registry.TYPES) == {"annoy", "lsh", "hnsw", "exact", "votes"} and registry.LOCAL == ("votes",)
     for name, t in registry.TYPES.items():
         assert issubclass(t, IndexType) and t.name == name
     files = registry.shard_files(registry.SELECTABLE)
@@ -58,7 +75,7 @@ def test_the_registry_lists_every_type_once_with_its_files():
 
 @pytest.mark.parametrize("name", list(registry.TYPES))
 def test_every_type_builds_calibrates_opens_and_searches(built, name):
-    out, vectors, info, manifest = built
+    out, vectors, info, manifest, descriptors = built
     t = registry.get(name)
     shard_dir = out / "shard"
     for f in t.files:
@@ -73,6 +90,12 @@ def test_every_type_builds_calibrates_opens_and_searches(built, name):
     if t.effort_key:
         assert opened.calibrated(0) == info["calibration"][name][t.effort_key]
     queries = np.arange(0, N, 15)
+    if t.local_record:  # searched with a query's local descriptors: each item's own come first
+        assert info["local_features"][t.local_record]
+        for item in queries[:20]:
+            ids, votes = opened.search(handle, descriptors[item], 3, 0)
+            assert ids[0, 0] == item and votes[0, 0] == KEYPOINTS
+        return
     n = opened.candidates(handle, K + 1, 0, reranked=False)
     ids, scores = opened.search(handle, vectors[queries], n, 0)
     assert ids.shape[0] == len(queries) and ids.dtype == np.int64
