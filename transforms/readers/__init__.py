@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from transforms.readers.common import MAX_RECORD_BYTES, TALLIES_TAG, ListedFile, RecordTooLargeError, read_limited
+from transforms.readers.common import (
+    MAX_RECORD_BYTES,
+    TALLIES_TAG,
+    ListedFile,
+    ListingReader,
+    RecordTooLargeError,
+    read_limited,
+)
 from transforms.readers.files import ReadImageFiles
 from transforms.readers.parquet import ReadParquetImages
 from transforms.readers.spec import FORMATS, InputSpec, write_listing
@@ -34,13 +41,8 @@ __all__ = [
 ]
 
 
-class ReadImages(beam.PTransform):
+class ReadImages(ListingReader):
     """``InputSpec`` + listing glob → ``{"records", "failures", "tallies"}`` (no tallies for folders)."""
-
-    def __init__(self, spec: InputSpec, listing: str):
-        super().__init__()
-        self._spec = spec
-        self._listing = listing
 
     def expand(self, pbegin):
         reader = READERS[self._spec.format]

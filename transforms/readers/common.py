@@ -10,10 +10,11 @@ it publishes anything (ARCHITECTURE.md, "Accounting").
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import time
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -21,6 +22,9 @@ from apache_beam.metrics import Metrics
 from plumbing.fsutil import MAX_INPUT_BYTES, NotRegularFileError, RecordTooLargeError, read_input  # noqa: F401
 from transforms.decode import NAMESPACE, count_failure
 from transforms.records import FAILURES_TAG, ImageRecord
+
+if TYPE_CHECKING:
+    from transforms.readers.spec import InputSpec
 
 log = logging.getLogger(__name__)
 progress_log = logging.getLogger("cbir.progress")
@@ -149,3 +153,54 @@ class Account(beam.PTransform):
 
     def expand(self, pcoll):
         return pcoll | beam.ParDo(_AccountFn(self._what)).with_outputs(FAILURES_TAG, main="records")
+
+
+def _parse_line(line: str) -> ListedFile:
+    path, size = json.loads(line)
+    return ListedFile(path, int(size))
+
+
+class ReadListing(beam.PTransform):
+    """The launcher's listing → one :class:`ListedFile` per input, spread over workers."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self._pattern = pattern
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "ReadListing" >> beam.io.ReadFromText(self._pattern)
+            | "Parse" >> beam.Map(_parse_line)
+            | "Spread" >> beam.Reshuffle()
+        )
+
+
+class ListingReader(beam.PTransform):
+    """The shape of every format reader: an input spec and the launcher's listing in; out
+    ``{"records", "failures"}`` and, from shard formats, ``"tallies"``. A subclass names its
+    ``FORMAT`` (also the progress and counter label of its :class:`Account`) and writes ``expand``."""
+
+    FORMAT = ""
+
+    def __init__(self, spec: InputSpec, listing: str):
+        super().__init__()
+        self._spec = spec
+        self._listing = listing
+
+
+class ShardFileReader(ListingReader):
+    """A reader that reads each listed shard file in one DoFn (TFRecord, WebDataset), which reports a tally
+    per shard; a subclass gives that DoFn (:meth:`shard_fn`)."""
+
+    def shard_fn(self) -> beam.DoFn:
+        raise NotImplementedError
+
+    def expand(self, pbegin):
+        read = (
+            pbegin
+            | "Listing" >> ReadListing(self._listing)
+            | "ReadShards" >> beam.ParDo(self.shard_fn()).with_outputs(TALLIES_TAG, main="entries")
+        )
+        accounted = read.entries | "Account" >> Account(self.FORMAT)
+        return {"records": accounted.records, "failures": accounted.failures, "tallies": read[TALLIES_TAG]}

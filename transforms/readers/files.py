@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import apache_beam as beam
 
-from transforms.readers.common import Account, ListedFile, label_from_id, read_limited, relative_id
-from transforms.readers.spec import InputSpec, ReadListing
+from transforms.readers.common import (
+    Account,
+    ListedFile,
+    ListingReader,
+    ReadListing,
+    label_from_id,
+    read_limited,
+    relative_id,
+)
 from transforms.records import ImageRecord, failure
 
 
@@ -25,21 +32,16 @@ class _ReadFileFn(beam.DoFn):
         yield ImageRecord(image_id, listed.path, label_from_id(image_id), data)
 
 
-class ReadImageFiles(beam.PTransform):
+class ReadImageFiles(ListingReader):
     """Listing of image files → ``{"records", "failures"}`` (no tallies: the listing is the count)."""
 
     FORMAT = "files"
-
-    def __init__(self, spec: InputSpec, listing: str):
-        super().__init__()
-        self._spec = spec
-        self._listing = listing
 
     def expand(self, pbegin):
         accounted = (
             pbegin
             | "Listing" >> ReadListing(self._listing)
             | "ReadFiles" >> beam.ParDo(_ReadFileFn(self._spec.root))
-            | "Account" >> Account("files")
+            | "Account" >> Account(self.FORMAT)
         )
         return {"records": accounted.records, "failures": accounted.failures}

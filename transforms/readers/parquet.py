@@ -14,7 +14,7 @@ tally holds whatever goes wrong inside a file.
 from __future__ import annotations
 
 import posixpath
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import apache_beam as beam
 import pyarrow as pa
@@ -26,13 +26,14 @@ from transforms.readers.common import (
     TALLIES_TAG,
     Account,
     ListedFile,
+    ListingReader,
     MissingImageError,
+    ReadListing,
     ShardFn,
     ShardReadError,
     read_limited,
     tally,
 )
-from transforms.readers.spec import ReadListing
 from transforms.records import ImageRecord, failure
 
 PARQUET_BYTES_COLUMNS = ("image", "image_bytes", "bytes", "jpg", "jpeg", "png", "webp", "data", "content")
@@ -216,15 +217,10 @@ class _FetchUriFn(beam.DoFn):
         yield ImageRecord(item.image_id, item.uri, item.label, data)
 
 
-class ReadParquetImages(beam.PTransform):
+class ReadParquetImages(ListingReader):
     """Listing of Parquet files → ``{"records", "failures", "tallies"}`` (uri rows fetched after a reshuffle)."""
 
     FORMAT = "parquet"
-
-    def __init__(self, spec: Any, listing: str):
-        super().__init__()
-        self._spec = spec
-        self._listing = listing
 
     def expand(self, pbegin):
         root = self._spec.root
@@ -240,5 +236,5 @@ class ReadParquetImages(beam.PTransform):
                 "fetch", main="rows")
         )
         fetched = rows.fetch | "SpreadFetches" >> beam.Reshuffle() | "FetchUris" >> beam.ParDo(_FetchUriFn())
-        accounted = (planned.failed, rows.rows, fetched) | "Merge" >> beam.Flatten() | "Account" >> Account("parquet")
+        accounted = (planned.failed, rows.rows, fetched) | "Merge" >> beam.Flatten() | "Account" >> Account(self.FORMAT)
         return {"records": accounted.records, "failures": accounted.failures, "tallies": planned[TALLIES_TAG]}

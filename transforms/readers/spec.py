@@ -19,7 +19,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from plumbing import fsutil
-from transforms.readers.common import IMAGE_EXTENSIONS, TALLIES_TAG, Account, ListedFile, is_shard_name, is_visible
+from transforms.readers.common import IMAGE_EXTENSIONS, ListedFile, is_shard_name, is_visible
 
 FORMATS = ("files", "tfrecord", "wds", "parquet")
 LISTING_DIR = "_inputs"
@@ -113,38 +113,3 @@ def write_listing(staging: str, listed: list[ListedFile]) -> str:
         lines = "".join(json.dumps([f.path, f.size]) + "\n" for f in listed[start:start + LISTING_LINES_PER_FILE])
         fsutil.write_bytes_atomic(fsutil.join(folder, f"listing-{n:05d}.jsonl"), lines.encode("utf-8"))
     return fsutil.join(folder, "listing-*.jsonl")
-
-
-def _parse_line(line: str) -> ListedFile:
-    path, size = json.loads(line)
-    return ListedFile(path, int(size))
-
-
-class ReadListing(beam.PTransform):
-    """The launcher's listing → one :class:`ListedFile` per input, spread over workers."""
-
-    def __init__(self, pattern: str):
-        super().__init__()
-        self._pattern = pattern
-
-    def expand(self, pbegin):
-        return (
-            pbegin
-            | "ReadListing" >> beam.io.ReadFromText(self._pattern)
-            | "Parse" >> beam.Map(_parse_line)
-            | "Spread" >> beam.Reshuffle()
-        )
-
-
-def read_shard_files(pbegin, spec: InputSpec, listing: str, read_fn: beam.DoFn, what: str) -> dict:
-    """Listing → one DoFn per shard file → accounted records, failures and the shards' tallies.
-
-    The shape of every per-file shard reader (TFRecord, WebDataset).
-    """
-    read = (
-        pbegin
-        | "Listing" >> ReadListing(listing)
-        | "ReadShards" >> beam.ParDo(read_fn).with_outputs(TALLIES_TAG, main="entries")
-    )
-    accounted = read.entries | "Account" >> Account(what)
-    return {"records": accounted.records, "failures": accounted.failures, "tallies": read[TALLIES_TAG]}

@@ -27,11 +27,11 @@ from transforms.readers.common import (
     ListedFile,
     MissingImageError,
     RecordTooLargeError,
+    ShardFileReader,
     ShardFn,
     ShardReadError,
     tally,
 )
-from transforms.readers.spec import read_shard_files
 from transforms.records import ImageRecord, failure
 
 
@@ -204,15 +204,10 @@ class _ReadTFRecordShardFn(ShardFn):
         return ImageRecord(image_id, uri, label, data)
 
 
-class ReadTFRecordImages(beam.PTransform):
+class ReadTFRecordImages(ShardFileReader):
     """Listing of TFRecord shards → ``{"records", "failures", "tallies"}``."""
 
     FORMAT = "tfrecord"
 
-    def __init__(self, spec: Any, listing: str):
-        super().__init__()
-        self._spec = spec
-        self._listing = listing
-
-    def expand(self, pbegin):
-        return read_shard_files(pbegin, self._spec, self._listing, _ReadTFRecordShardFn(self._spec.root), self.FORMAT)
+    def shard_fn(self) -> beam.DoFn:
+        return _ReadTFRecordShardFn(self._spec.root)

@@ -29,11 +29,11 @@ from transforms.readers.common import (
     ListedFile,
     MissingImageError,
     RecordTooLargeError,
+    ShardFileReader,
     ShardFn,
     ShardReadError,
     tally,
 )
-from transforms.readers.spec import read_shard_files
 from transforms.records import ImageRecord, failure
 
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -221,15 +221,10 @@ class _ReadTarShardFn(ShardFn):
         return data
 
 
-class ReadWebDatasetImages(beam.PTransform):
+class ReadWebDatasetImages(ShardFileReader):
     """Listing of WebDataset tars → ``{"records", "failures", "tallies"}``."""
 
     FORMAT = "wds"
 
-    def __init__(self, spec: Any, listing: str):
-        super().__init__()
-        self._spec = spec
-        self._listing = listing
-
-    def expand(self, pbegin):
-        return read_shard_files(pbegin, self._spec, self._listing, _ReadTarShardFn(self._spec.root), self.FORMAT)
+    def shard_fn(self) -> beam.DoFn:
+        return _ReadTarShardFn(self._spec.root)
