@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from apache_beam.io.filesystem import BeamIOError
@@ -32,6 +33,32 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     with FileSystems.create(tmp) as f:
         f.write(data)
     FileSystems.rename([tmp], [path])  # os.rename locally; copy + delete on object stores
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes ``path`` in one go, not atomically: for staging files nothing reads before the job commits."""
+    with FileSystems.create(path) as f:
+        f.write(data)
+
+
+def write_npy(path: str, array: Any) -> None:
+    """Writes a numpy array in ``.npy`` format (no pickle): the index's arrays are data, like every artefact."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_bytes(path, buf.getvalue())
+
+
+def read_npy(path: str) -> Any:
+    """Reads a ``.npy`` array whole, wherever it is stored; object arrays are refused (no pickle)."""
+    import io
+
+    import numpy as np
+
+    return np.load(io.BytesIO(read_bytes(path)))
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -61,11 +88,26 @@ def read_json(path: str) -> Any:
     return json.loads(read_bytes(path))
 
 
+def read_chunks(path: str, size: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of ``path`` in pieces of ``size``, so a digest of a large file never holds it whole."""
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        yield from iter(lambda: f.read(size), b"")
+
+
 def match(pattern: str) -> list[str]:
     try:
         return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
     except BeamIOError:
         return []
+
+
+def sizes(pattern: str) -> dict[str, int]:
+    """path → size in bytes for every file matching ``pattern``: one listing, no reads."""
+    try:
+        found = FileSystems.match([pattern])[0].metadata_list
+    except BeamIOError:
+        return {}
+    return {m.path: m.size_in_bytes for m in found}
 
 
 def delete_quietly(paths: list[str]) -> None:

@@ -1,0 +1,98 @@
+"""``cbir index``: its command-line options, the handler that turns them into an IndexConfig, the summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from artefacts.manifests import IndexManifest
+from index_builder import augment, calibration, hnsw, lsh
+from index_builder.shard import INDEX_TYPES
+from pipelines.index.config import IndexConfig
+from pipelines.index.job import run
+from pipelines.index.publishing import GATE_SUFFIX, show_measured
+from plumbing import fsutil
+
+
+def register(subparsers: Any) -> None:
+    """Adds ``index`` to the ``cbir`` parser; Beam options pass through to the job (``beam=True``)."""
+    from pipelines.options import fraction, non_negative_int, positive_int
+
+    ix = subparsers.add_parser("index", help="features → sharded Annoy + LSH index version")
+    ix.add_argument("--features", required=True, help="an extract output folder")
+    ix.add_argument("--output", required=True)
+    ix.add_argument("--shards", type=positive_int, default=1)
+    ix.add_argument("--dims", type=non_negative_int, default=256, help="PCA dimension (0 keeps the input dimension)")
+    ix.add_argument("--trees", type=positive_int, default=50)
+    ix.add_argument("--lsh-bits", type=int, default=256, choices=lsh.SUPPORTED_BITS)
+    ix.add_argument("--seed", type=int, default=1234)
+    ix.add_argument("--keep-versions", type=positive_int, default=3,
+                    help="complete versions kept (LATEST's always is)")
+    ix.add_argument("--annoy-on-disk-mb", type=positive_int, default=None,
+                    help="build a shard's Annoy in its file (not RAM) above this estimated size")
+    ix.add_argument("--stale-after-hours", type=float, default=24.0,
+                    help="unpublished builds older than this are cleaned up")
+    ix.add_argument("--index-types", default=",".join(INDEX_TYPES),
+                    help=f"comma-separated subset of {','.join(INDEX_TYPES)} (default all)")
+    ix.add_argument("--hnsw-m", type=positive_int, default=hnsw.DEFAULT_M, help="HNSW links per node")
+    ix.add_argument("--hnsw-ef-construction", type=positive_int, default=hnsw.DEFAULT_EF_CONSTRUCTION,
+                    help="HNSW candidate list while building")
+    ix.add_argument("--target-recall", type=fraction, default=calibration.DEFAULT_TARGET,
+                    help="recall@10 each index type is calibrated to per shard (0: no calibration)")
+    ix.add_argument("--lsh-projection", choices=lsh.PROJECTIONS, default="itq",
+                    help="how LSH hyperplanes are made (itq: learned PCA-ITQ rotation)")
+    ix.add_argument("--dba", type=non_negative_int, default=0, metavar="K",
+                    help="database-side augmentation: store each vector as the similarity-weighted mean of itself "
+                         "and its top K (a second build pass; queries stay as they are)")
+    ix.add_argument("--dba-alpha", type=float, default=augment.DEFAULT_DBA_ALPHA,
+                    help="DBA weights are similarity**alpha")
+    ix.add_argument("--graph-k", type=non_negative_int, default=0, metavar="K",
+                    help="store the corpus k-NN graph with K neighbours per item, for --diffusion re-ranking")
+    ix.add_argument("--no-local-features", action="store_true",
+                    help="leave out the local features the extract stored (no --verify with this index)")
+    ix.add_argument("--gate", default="", metavar="CONDITIONS",
+                    help="only switch LATEST when the new version meets these, e.g. 'map>=0.50,recall@10>=0.95' "
+                         "(metrics: map, p@1, p@5, p@10, recall@K, expected@K, queries_found); else exit 5")
+    ix.add_argument("--gate-queries", default=None, metavar="FILE",
+                    help="JSON lines {\"image_id\": ..., \"expected\": [...]} for expected@K")
+    ix.add_argument("--gate-sample", type=positive_int, default=1000,
+                    help="leave-one-out queries the gate measures on (seeded)")
+    ix.add_argument("--signing-key", default=None, metavar="FILE",
+                    help="sign the version's manifest with HMAC-SHA256 under this key (readers given it refuse others)")
+    ix.set_defaults(handler=main, beam=True)
+
+
+def main(args: Any, beam_args: list[str]) -> int:
+    """Runs the job from parsed options; the CLI maps its errors (refused, gate failed) to exit codes."""
+    cfg = IndexConfig(
+        features=args.features, output=args.output, shards=args.shards, dims=args.dims, trees=args.trees,
+        lsh_bits=args.lsh_bits, seed=args.seed, keep_versions=args.keep_versions,
+        stale_after_seconds=args.stale_after_hours * 3600,
+        index_types=tuple(t.strip() for t in args.index_types.split(",") if t.strip()),
+        hnsw_m=args.hnsw_m, hnsw_ef_construction=args.hnsw_ef_construction, target_recall=args.target_recall,
+        lsh_projection=args.lsh_projection, signing_key_file=args.signing_key, dba=args.dba,
+        dba_alpha=args.dba_alpha, graph_k=args.graph_k, local_features=not args.no_local_features,
+        gate=args.gate, gate_queries=args.gate_queries, gate_sample=args.gate_sample,
+        **({"annoy_on_disk_bytes": args.annoy_on_disk_mb << 20} if args.annoy_on_disk_mb else {}),
+    )
+    manifest = run(cfg, beam_args)
+    print_summary(manifest)
+    if cfg.gate:
+        report = fsutil.read_json(fsutil.join(cfg.output, manifest.version + GATE_SUFFIX))
+        print("  gate passed: " + ", ".join(f"{r['condition']} ({show_measured(r['measured'])})"
+                                            for r in report["conditions"]))
+    return 0
+
+
+def print_summary(m: IndexManifest) -> None:
+    """One line for the version, then per index type the search effort calibration chose."""
+    rate = m.items / m.elapsed_seconds if m.elapsed_seconds else 0
+    print(f"index: {m.version}: {m.items} items in {m.shards} shard(s) ({'+'.join(m.index_types)}), "
+          f"{m.dimension.input}→{m.dimension.output} dims, {m.bytes / 1e6:.1f} MB, "
+          f"{m.elapsed_seconds:.1f}s ({rate:.0f} items/s)")
+    for kind, key in (("hnsw", "ef_search"), ("annoy", "search_k"), ("lsh", "candidates")):
+        params = getattr(m, kind)
+        cal = params.calibration if params else None
+        if cal:
+            values = [p[key] for p in cal["per_shard"] if p]
+            print(f"  {kind}: {key} {min(values)}–{max(values)} per shard for recall@{cal['k']} ≥ "
+                  f"{cal['target_recall']} (lowest measured {cal['min_recall']:.3f})")

@@ -1,0 +1,72 @@
+"""The index job's settings, and the checks that make a bad one fail at launch rather than after the build."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from evaluation import gate
+from index_builder import augment, calibration, hnsw, lsh
+from index_builder.shard import DEFAULT_ON_DISK_BYTES, INDEX_TYPES, ShardParams
+
+
+class IndexBuildError(RuntimeError):
+    """The build did not produce a complete version; nothing was published."""
+
+
+@dataclasses.dataclass
+class IndexConfig:
+    features: str
+    output: str
+    shards: int = 1
+    dims: int = 256  # PCA dimension; 0 keeps the input dimension
+    trees: int = 50
+    lsh_bits: int = 256  # 128-bit codes needed 8× the candidates for recall 0.95 at 1M (scan cost ~equal)
+    seed: int = 1234
+    keep_versions: int = 3  # complete versions kept after a publish (LATEST's always is)
+    annoy_on_disk_bytes: int = DEFAULT_ON_DISK_BYTES  # build a shard's Annoy in its file above this size
+    stale_after_seconds: float = 24 * 3600  # a build unpublished this long is dead: its folders may go
+    index_types: tuple[str, ...] = INDEX_TYPES
+    hnsw_m: int = hnsw.DEFAULT_M
+    hnsw_ef_construction: int = hnsw.DEFAULT_EF_CONSTRUCTION
+    target_recall: float = calibration.DEFAULT_TARGET  # 0: no calibration (library defaults)
+    lsh_projection: str = "itq"
+    lsh_sample: int = 20_000  # vectors the LSH projection is fitted on
+    signing_key_file: str | None = None  # sign the manifest (HMAC-SHA256) with this key
+    dba: int = 0  # database-side augmentation with each item's top K (0: off)
+    dba_alpha: float = augment.DEFAULT_DBA_ALPHA
+    graph_k: int = 0  # store the corpus k-NN graph (diffusion re-ranking) with K neighbours per item (0: off)
+    local_features: bool = True  # carry the features' local features (when extracted) into the shards
+    gate: str = ""  # quality conditions the version must meet before LATEST moves ('map>=0.5,recall@10>=0.95')
+    gate_queries: str | None = None  # JSON lines {"image_id", "expected"} for expected@K
+    gate_sample: int = 1000  # leave-one-out queries the gate measures on
+
+    def validate(self) -> None:
+        """Raises ValueError on settings no build could honour, before any file is read or written."""
+        if self.lsh_bits not in lsh.SUPPORTED_BITS:
+            raise ValueError(f"--lsh-bits must be one of {lsh.SUPPORTED_BITS}")
+        if self.shards < 1:
+            raise ValueError("--shards must be at least 1")
+        if self.dims < 0:
+            raise ValueError("--dims must be 0 (keep the dimension) or positive")
+        if self.trees < 1:
+            raise ValueError("--trees must be at least 1")
+        if self.keep_versions < 1:
+            raise ValueError("keep_versions must be at least 1: the published version is always kept")
+        if self.lsh_projection not in lsh.PROJECTIONS:
+            raise ValueError(f"--lsh-projection must be one of {', '.join(lsh.PROJECTIONS)}")
+        if self.dba < 0 or self.graph_k < 0:
+            raise ValueError("--dba and --graph-k must not be negative")
+        if self.dba_alpha < 0:
+            raise ValueError("--dba-alpha must not be negative")
+        if self.gate:
+            gate.parse_conditions(self.gate)
+        elif self.gate_queries:
+            raise ValueError("--gate-queries needs --gate conditions, e.g. --gate 'expected@10>=0.9'")
+        self.shard_params()  # checks the index types, HNSW and calibration settings
+
+    def shard_params(self, local_features: bool = False) -> ShardParams:
+        """What every shard worker builds with; ShardParams checks its own fields, so validate() calls this too."""
+        return ShardParams(trees=self.trees, seed=self.seed, on_disk_bytes=self.annoy_on_disk_bytes,
+                           index_types=tuple(self.index_types), hnsw_m=self.hnsw_m,
+                           hnsw_ef_construction=self.hnsw_ef_construction, target_recall=self.target_recall,
+                           local_features=local_features)
