@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from artefacts.manifests import IndexManifest
-from index_builder import augment, calibration, hnsw, lsh
-from index_builder.shard import INDEX_TYPES
+from index_builder import augment, calibration, lsh
+from index_builder.types import hnsw
+from index_builder.types.registry import DEFAULT_TYPES as INDEX_TYPES
 from pipelines.index.config import IndexConfig
 from pipelines.index.job import run
 from pipelines.index.publishing import GATE_SUFFIX, show_measured

@@ -5,8 +5,14 @@ from __future__ import annotations
 import dataclasses
 
 from evaluation import gate
-from index_builder import augment, calibration, hnsw, lsh
-from index_builder.shard import DEFAULT_ON_DISK_BYTES, INDEX_TYPES, ShardParams
+from index_builder import augment, calibration
+from index_builder.shard import ShardParams
+from index_builder.types import annoy, hnsw, registry
+from index_builder.types import lsh as lsh_type
+from index_builder.types.base import BuildSettings
+
+DEFAULT_ON_DISK_BYTES = annoy.DEFAULT_ON_DISK_BYTES
+INDEX_TYPES = registry.DEFAULT_TYPES
 
 
 class IndexBuildError(RuntimeError):
@@ -42,18 +48,12 @@ class IndexConfig:
 
     def validate(self) -> None:
         """Raises ValueError on settings no build could honour, before any file is read or written."""
-        if self.lsh_bits not in lsh.SUPPORTED_BITS:
-            raise ValueError(f"--lsh-bits must be one of {lsh.SUPPORTED_BITS}")
         if self.shards < 1:
             raise ValueError("--shards must be at least 1")
         if self.dims < 0:
             raise ValueError("--dims must be 0 (keep the dimension) or positive")
-        if self.trees < 1:
-            raise ValueError("--trees must be at least 1")
         if self.keep_versions < 1:
             raise ValueError("keep_versions must be at least 1: the published version is always kept")
-        if self.lsh_projection not in lsh.PROJECTIONS:
-            raise ValueError(f"--lsh-projection must be one of {', '.join(lsh.PROJECTIONS)}")
         if self.dba < 0 or self.graph_k < 0:
             raise ValueError("--dba and --graph-k must not be negative")
         if self.dba_alpha < 0:
@@ -62,11 +62,16 @@ class IndexConfig:
             gate.parse_conditions(self.gate)
         elif self.gate_queries:
             raise ValueError("--gate-queries needs --gate conditions, e.g. --gate 'expected@10>=0.9'")
-        self.shard_params()  # checks the index types, HNSW and calibration settings
+        self.shard_params()  # each index type checks its own parameters; ShardParams the types and calibration
 
     def shard_params(self, local_features: bool = False) -> ShardParams:
         """What every shard worker builds with; ShardParams checks its own fields, so validate() calls this too."""
-        return ShardParams(trees=self.trees, seed=self.seed, on_disk_bytes=self.annoy_on_disk_bytes,
-                           index_types=tuple(self.index_types), hnsw_m=self.hnsw_m,
-                           hnsw_ef_construction=self.hnsw_ef_construction, target_recall=self.target_recall,
+        return ShardParams(index_types=tuple(self.index_types), type_params=self.type_params(),
+                           settings=BuildSettings(seed=self.seed, target_recall=self.target_recall),
                            local_features=local_features)
+
+    def type_params(self) -> dict[str, object]:
+        """Each index type's build parameters, from the job's options."""
+        return {"annoy": annoy.Params(trees=self.trees, on_disk_bytes=self.annoy_on_disk_bytes),
+                "hnsw": hnsw.Params(m=self.hnsw_m, ef_construction=self.hnsw_ef_construction),
+                "lsh": lsh_type.Params(bits=self.lsh_bits, projection=self.lsh_projection)}

@@ -20,19 +20,17 @@ from typing import Any
 from artefacts import layout, signing
 from artefacts.manifests import (
     Accounting,
-    AnnoyParams,
     Dimension,
     FeaturesManifest,
     FileDigest,
-    HnswParams,
     IndexManifest,
-    LshParams,
     TransformInfo,
     utc_now,
 )
 from artefacts.transform import BIAS_FILE, PROJECTION_FILE, VectorTransform
 from evaluation import gate
-from index_builder import calibration, hnsw, local_store, lsh
+from index_builder.types import registry
+from index_builder.types import votes as votes_type
 from pipelines.index.config import IndexBuildError, IndexConfig
 from plumbing import fsutil
 from plumbing import publish as protocol
@@ -190,22 +188,17 @@ def _manifest(cfg: IndexConfig, version: str, features_manifest: FeaturesManifes
 
 
 def _type_params(cfg: IndexConfig, infos: list[dict[str, Any]]) -> dict[str, Any]:
-    """The manifest's ``annoy``, ``lsh`` and ``hnsw`` entries: None for a type not built."""
-    types = list(cfg.index_types)
-    return {
-        "annoy": AnnoyParams(
-            trees=cfg.trees, metric=layout.METRIC, seed=cfg.seed,
-            search_k=_calibrated_max(infos, "annoy", "search_k", -1),
-            on_disk_build_shards=[s for s, i in enumerate(infos) if (i.get("annoy") or {}).get("on_disk_build")],
-            calibration=_calibration_summary(infos, "annoy", cfg),
-        ) if "annoy" in types else None,
-        "lsh": LshParams(bits=cfg.lsh_bits, seed=cfg.seed, substring_bits=lsh.SUBSTRING_BITS,
-                         method=cfg.lsh_projection, candidates=_calibrated_max(infos, "lsh", "candidates", None),
-                         calibration=_calibration_summary(infos, "lsh", cfg)) if "lsh" in types else None,
-        "hnsw": HnswParams(m=cfg.hnsw_m, ef_construction=cfg.hnsw_ef_construction,
-                           ef_search=_calibrated_max(infos, "hnsw", "ef_search", hnsw.DEFAULT_EF_SEARCH),
-                           calibration=_calibration_summary(infos, "hnsw", cfg)) if "hnsw" in types else None,
-    }
+    """Each built type's manifest record (its parameters and calibration), from the registry.
+
+    A type with a field of its name in the manifest (``annoy``, ``lsh``, ``hnsw``) fills it; a
+    newer one's record is kept under its name among the manifest's other keys (``extra``).
+    """
+    records = registry.manifest_records(tuple(cfg.index_types), cfg.type_params(), cfg.seed, infos,
+                                        cfg.target_recall)
+    fields = {f.name for f in dataclasses.fields(IndexManifest)}
+    known = {name: record for name, record in records.items() if name in fields}
+    other = {name: record for name, record in records.items() if name not in fields}
+    return {**known, "extra": other} if other else known
 
 
 def _local_features(local: dict[str, Any] | None, infos: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -214,30 +207,7 @@ def _local_features(local: dict[str, Any] | None, infos: list[dict[str, Any]]) -
         return None
     return {**local, "items_with_local_features": sum(
         (i.get("local_features") or {}).get("items_with_local_features", 0) for i in infos),
-        "vote_index": {"file": local_store.VOTES_FILE, "nprobe": local_store.VOTE_NPROBE,
-                       "ratio": local_store.VOTE_RATIO,
-                       "kinds": sorted({i["local_features"]["vote_index"]["kind"] for i in infos})}}
-
-
-def _calibrated_max(infos: list[dict[str, Any]], kind: str, key: str, default: Any) -> Any:
-    """The largest calibrated effort over the shards (what a caller without per-shard values should use)."""
-    values = [(i.get("calibration") or {}).get(kind, {}).get(key) for i in infos]
-    values = [v for v in values if v is not None]
-    return max(values) if values else default
-
-
-def _calibration_summary(infos: list[dict[str, Any]], kind: str, cfg: IndexConfig) -> dict[str, Any] | None:
-    """What calibration chose and measured, per shard, for one index type (None when it did not run)."""
-    per_shard = [(i.get("calibration") or {}).get(kind) for i in infos]
-    if not any(per_shard):
-        return None
-    measured = [p for p in per_shard if p]
-    return {
-        "target_recall": cfg.target_recall, "k": calibration.DEFAULT_K,
-        "per_shard": per_shard,
-        "min_recall": min(p["recall"] for p in measured),
-        "reached_target": all(p["reached_target"] for p in measured),
-    }
+        "vote_index": votes_type.manifest_record([i["local_features"]["vote_index"]["kind"] for i in infos])}
 
 
 def _move_in_and_commit(final: str, staging: str, files: dict[str, FileDigest], moves: list[tuple[str, str]],
