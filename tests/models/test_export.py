@@ -229,7 +229,7 @@ def test_extract_through_the_exported_pixels_signature(exported, flowers, flower
     from types import SimpleNamespace
 
     from search.compatibility import accepted_served_fingerprints
-    from search.tf_serving import _export_card
+    from search.tf_serving.embedder import _export_card
 
     index_like = SimpleNamespace(model=manifest.model, model_fingerprint=manifest.model_fingerprint)
     accepted = accepted_served_fingerprints(index_like, _export_card(index_like))

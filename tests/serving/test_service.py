@@ -21,7 +21,8 @@ from PIL import Image
 
 from search.methods import SearchOptions
 from search.searcher import Searcher
-from serving.app import ServiceConfig, ServiceState, TimedOut, Unavailable, make_app
+from serving.app import ServiceConfig, ServiceState, make_app
+from serving.errors import TimedOut, Unavailable
 from serving.server import ServiceThread
 from serving.versions import OpenOptions, VersionFollower, open_version
 
