@@ -284,7 +284,7 @@ def bench_noisy_queries(work: str, index_dir: str, held: list[str], denoiser: st
     from models.autoencoders.denoiser import decode_rgb, encode_png
     from models.autoencoders.pixel_noise import add_noise
     from pipelines.query import run_query
-    from search.methods import SearchOptions
+    from search.options import SearchOptions
 
     ids = [os.path.relpath(p, os.path.join(DATA, "flowers17-dev")) for p in held]
     labels = [i.split("/", 1)[0] for i in ids]

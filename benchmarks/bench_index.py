@@ -97,9 +97,9 @@ def _dev_features(workdir: Path, given: str | None) -> str:
 
 def _search_one_by_one(searcher, queries: np.ndarray, **opts: Any) -> tuple[np.ndarray, float]:
     """Top-K of each query searched alone, with one options record as a service holds it: (ids, q/s)."""
-    from search.methods import SearchOptions
+    from search.options import SearchOptions
 
-    options = SearchOptions(k=K, **opts)
+    options = SearchOptions.from_dict({"k": K, **opts})
     out = np.full((len(queries), K), -1, np.int64)
     # Steady state, as a serving process is after its first minutes: one untimed pass pages in what the
     # memory-mapped files need (hnswlib, the peer, holds its graph in memory from the start).

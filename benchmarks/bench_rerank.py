@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import logging
@@ -163,7 +162,7 @@ def copies(work: Path, n_copies: int) -> dict[str, Any]:
     from inspection.sheet import contact_sheet, save_png
     from pipelines.query import run_query
     from plumbing import fsutil
-    from search.methods import SearchOptions
+    from search.options import SearchOptions
 
     corpus = _corpus(work)
     extract_s = _extract(str(corpus), work / "copy-features", LOCAL_K)
@@ -173,8 +172,8 @@ def copies(work: Path, n_copies: int) -> dict[str, Any]:
     base = SearchOptions(k=10, method="exact")
     out: dict[str, Any] = {"copies": len(pairs), "extract_s": extract_s}
     for name, opts in (("global descriptor only", base),
-                       ("--verify 100 --no-verify-votes", dataclasses.replace(base, verify=100, verify_votes=False)),
-                       ("--verify 100", dataclasses.replace(base, verify=100))):
+                       ("--verify 100 --no-verify-votes", base.replace(verify=100, verify_votes=False)),
+                       ("--verify 100", base.replace(verify=100))):
         started = time.perf_counter()
         rows, failures, timings = run_query(str(index_dir), paths, opts)
         took = time.perf_counter() - started
@@ -195,7 +194,7 @@ def copies(work: Path, n_copies: int) -> dict[str, Any]:
             save_png(contact_sheet(sheet_rows, lambda u: fsutil.read_input(u)), str(work / "copies_verified.png"),
                      fsutil.write_bytes_atomic)
             out["sheet"] = str(work / "copies_verified.png")
-    wide, _, _ = run_query(str(index_dir), paths, dataclasses.replace(base, k=100))
+    wide, _, _ = run_query(str(index_dir), paths, base.replace(k=100))
     out["global_top100"] = float(np.mean([any(x["image_id"] == want for x in r["results"])
                                           for r, (_, want) in zip(wide, pairs, strict=True)]))
     plain, verified = out["global descriptor only"]["rank1"], out["--verify 100"]["rank1"]
@@ -210,7 +209,7 @@ def categories(work: Path, quick: bool) -> list[dict[str, Any]]:
     from evaluation import rerank_eval
     from search import rerank
     from search.index_files import load_transform
-    from search.methods import SearchOptions
+    from search.options import Rerank, SearchOptions
     from search.searcher import Searcher, normalise_rows
 
     results = []
@@ -231,7 +230,8 @@ def categories(work: Path, quick: bool) -> list[dict[str, Any]]:
                 transform = load_transform(s.version_dir, s.manifest)
                 qv = normalise_rows(transform(np.stack([raw_by_id[i] for i in s.image_ids])))
                 queries = np.arange(s.size, dtype=np.int64)
-                configs = rerank_eval.configurations(s, queries, qv, s.all_vectors(), SearchOptions(k=10, qe=QE_N))
+                configs = rerank_eval.configurations(s, queries, qv, s.all_vectors(),
+                                                     SearchOptions(k=10, rerank=Rerank(qe=QE_N)))
                 if variant == "plain":
                     row["feedback"] = rerank_eval.feedback_rounds(s, queries, qv, 2)
                     row["feedback_rocchio"] = rerank_eval.feedback_rounds(s, queries, qv, 2,
@@ -250,7 +250,7 @@ def categories(work: Path, quick: bool) -> list[dict[str, Any]]:
 
 def latency(work: Path) -> dict[str, float]:
     """ms per query, one query at a time on one thread, at 100 candidates, on the flowers PCA-128 index."""
-    from search.methods import SearchOptions
+    from search.options import Rerank, SearchOptions
     from search.searcher import Searcher
 
     index_dir = work / SETS[0] / f"index-DBA{DBA_K}"
@@ -258,14 +258,15 @@ def latency(work: Path) -> dict[str, float]:
     with Searcher(str(index_dir), threads=1) as s:
         ids = np.arange(0, s.size, max(1, s.size // 100))[:100]
         vectors = s.vectors_of(ids)
+        diffused = Rerank(diffusion=True, diffusion_candidates=100)
         cases = {
             "exact": SearchOptions(k=10, method="exact"),
-            "exact + αQE 3": SearchOptions(k=10, method="exact", qe=3, qe_alpha=3.0),
-            f"exact + QE {QE_N} + diffusion (100)": SearchOptions(k=10, method="exact", qe=QE_N, diffusion=True,
-                                                                  diffusion_candidates=100),
-            "exact + diffusion (100)": SearchOptions(k=10, method="exact", diffusion=True, diffusion_candidates=100),
+            "exact + αQE 3": SearchOptions(k=10, method="exact", rerank=Rerank(qe=3, qe_alpha=3.0)),
+            f"exact + QE {QE_N} + diffusion (100)": SearchOptions(
+                k=10, method="exact", rerank=Rerank(qe=QE_N, diffusion=True, diffusion_candidates=100)),
+            "exact + diffusion (100)": SearchOptions(k=10, method="exact", rerank=diffused),
             "hnsw": SearchOptions(k=10, method="hnsw"),
-            "hnsw + diffusion (100)": SearchOptions(k=10, method="hnsw", diffusion=True, diffusion_candidates=100),
+            "hnsw + diffusion (100)": SearchOptions(k=10, method="hnsw", rerank=diffused),
         }
         for name, opts in cases.items():
             s.search(vectors[0], opts, exclude=int(ids[0]))
@@ -283,7 +284,8 @@ def latency(work: Path) -> dict[str, float]:
         ids = np.arange(0, s.size, max(1, s.size // 30))[:30]
         started = time.perf_counter()
         for g in ids.tolist():
-            s.search(s.vectors_of(np.array([g]))[0], SearchOptions(k=10, method="exact", verify=100), exclude=g)
+            s.search(s.vectors_of(np.array([g]))[0], SearchOptions(k=10, method="exact", rerank=Rerank(verify=100)),
+                     exclude=g)
         out["exact + verification (100)"] = 1000 * (time.perf_counter() - started) / len(ids)
     for name, ms in out.items():
         print(f"  latency {name}: {ms:.2f} ms/query", flush=True)
@@ -294,7 +296,7 @@ def diffusion_growth(work: Path, sizes: tuple[int, ...]) -> list[dict[str, Any]]
     """Diffusion's cost at a fixed 100 candidates on indexes of growing size (synthetic, real job)."""
     from benchmarks.bench_index import _write_features
     from benchmarks.synthetic import SyntheticModel, synthetic_dataset
-    from search.methods import SearchOptions
+    from search.options import SearchOptions
     from search.searcher import Searcher
 
     with Searcher(str(work / SETS[0] / "index-plain")) as s:
@@ -308,7 +310,7 @@ def diffusion_growth(work: Path, sizes: tuple[int, ...]) -> list[dict[str, Any]]
         index_dir = _index(features, work / f"synthetic-{n}-index", dims=0, index_types=("hnsw",), graph_k=GRAPH_K)
         with Searcher(str(index_dir), threads=1) as s:
             plain = SearchOptions(k=10, method="hnsw", candidates=100)
-            diffused = dataclasses.replace(plain, diffusion=True, diffusion_candidates=100)
+            diffused = plain.replace(diffusion=True, diffusion_candidates=100)
             timings = {}
             for label, opts in (("hnsw", plain), ("hnsw + diffusion", diffused)):
                 s.search(data.queries[0], opts)

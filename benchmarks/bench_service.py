@@ -53,12 +53,12 @@ def _free_port() -> int:
 
 def direct_baseline(index_dir: str, ids: list[str], photos: list[bytes]) -> list[list]:
     """The searcher in this process, one query at a time: the floor the service is measured against."""
-    from search.methods import SearchOptions
+    from search.options import SearchOptions
     from search.searcher import Searcher
 
     rows = []
     with Searcher(index_dir, verify=False) as s:
-        opts = s.options(SearchOptions(**OPTIONS))
+        opts = s.options(SearchOptions.from_dict(OPTIONS))
         where = {name: g for g, name in enumerate(s.image_ids)}
         vectors = s.vectors_of(np.asarray([where[i] for i in ids]))
         s.search(vectors[0], opts, exclude=where[ids[0]])

@@ -33,6 +33,7 @@ import numpy as np
 
 from benchmarks._results import machine, md_table, update_section
 from evaluation.metrics import recall_at_k
+from index_builder.types import annoy as annoy_type
 
 log = logging.getLogger("bench_serving")
 
@@ -52,7 +53,8 @@ def _index(features: str, out: str, shards: int, dims: int, trees: int) -> str:
         return out
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    m = index.run(index.IndexConfig(features=features, output=out, shards=shards, dims=dims, trees=trees))
+    m = index.run(index.IndexConfig(features=features, output=out, shards=shards, dims=dims,
+                                    type_params={"annoy": annoy_type.Params(trees=trees)}))
     print(f"  built {out}: {m.items} items, {shards} shard(s), {m.dimension.output} dims, "
           f"{trees} trees in {time.perf_counter() - t:.0f}s")
     return out
@@ -226,15 +228,16 @@ def bench_images(index_dir: str, corpus: str, n_images: int) -> tuple[list[list]
 def bench_quality(index_dir: str, corpus: str, qe: int) -> list[list]:
     """Rows: corpus, configuration, full-ranking mAP, mAP@100, P@10, recall@100 vs exact (same QE)."""
     from pipelines.evaluate import EvaluateConfig, evaluate
-    from search.methods import SearchOptions
+    from search.options import Rerank, SearchOptions
     from search.searcher import Searcher
 
     rows = []
     with Searcher(index_dir, verify=False) as s:
         plain = evaluate(s, EvaluateConfig(index=index_dir, search=SearchOptions(k=100), methods=("annoy", "lsh")))
-        rerank = evaluate(s, EvaluateConfig(index=index_dir, search=SearchOptions(k=100, rerank=True),
+        rerank = evaluate(s, EvaluateConfig(index=index_dir, search=SearchOptions(k=100, rerank=Rerank(exact=True)),
                                             methods=("annoy",)))
-        expanded = evaluate(s, EvaluateConfig(index=index_dir, search=SearchOptions(k=100, rerank=True, qe=qe),
+        expanded = evaluate(s, EvaluateConfig(index=index_dir,
+                                              search=SearchOptions(k=100, rerank=Rerank(exact=True, qe=qe)),
                                               methods=("annoy", "lsh")))
 
     def row(name, m, full="-"):

@@ -31,7 +31,7 @@ import numpy as np
 
 from artefacts.vector_space import space_fingerprint, transform_fingerprint
 from evaluation import metrics
-from search.methods import SearchOptions
+from search.options import SearchOptions
 from search.searcher import Searcher, normalise_rows
 
 PRECISION_KS = (1, 5, 10)
@@ -119,8 +119,8 @@ def compare(old: Searcher, new: Searcher, cfg: CompareConfig | None = None) -> d
     queries = [common[i] for i in picked]
     q_old = np.asarray([old_pos[n] for n in queries], np.int64)
     q_new = np.asarray([new_pos[n] for n in queries], np.int64)
-    served = dataclasses.replace(cfg.search, k=k)
-    exact = dataclasses.replace(served, method="exact", rerank=False)
+    served = cfg.search.replace(k=k, verify=0)  # neighbour lists as candidates and re-rankers give them, unverified
+    exact = served.replace(method="exact", rerank=False)
 
     def lists(s: Searcher, q: np.ndarray, opts: SearchOptions) -> np.ndarray:
         vectors = normalise_rows(s.vectors_of(q))

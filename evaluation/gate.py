@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from evaluation import metrics
-from search.methods import SearchOptions
+from search.options import SearchOptions
 from search.searcher import Searcher, normalise_rows
 
 _CONDITION = re.compile(r"^\s*([a-z_]+(?:@\d+)?)\s*(>=|<=|>|<)\s*([0-9]*\.?[0-9]+)\s*$")

@@ -14,7 +14,6 @@ items left out), exactly as ``cbir query --like/--unlike`` and the service answe
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from evaluation import metrics
 from search import rerank
-from search.methods import SearchOptions
+from search.options import SearchOptions
 from search.searcher import Searcher, normalise_rows
 
 KS = (1, 5, 10)
@@ -47,10 +46,9 @@ def configurations(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, vect
     """
     caps = searcher.capabilities
     labels = searcher.labels
-    exact = dataclasses.replace(base, method="exact", rerank=False, qe=0, qe_alpha=0.0, diffusion=False,
-                                verify=0)
-    qe_n = base.qe or BASELINE_QE
-    alpha = base.qe_alpha or 3.0
+    exact = base.replace(method="exact", rerank=False, qe=0, qe_alpha=0.0, diffusion=False, verify=0)
+    qe_n = base.rerank.qe or BASELINE_QE
+    alpha = base.rerank.qe_alpha or 3.0
     rows: list[dict[str, Any]] = []
 
     def expanded(a: float, n: int = qe_n) -> np.ndarray:
@@ -59,7 +57,7 @@ def configurations(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, vect
 
     def diffusion_head(query_vectors: np.ndarray | None):
         def reorder(qids: np.ndarray, ranked: np.ndarray) -> np.ndarray:
-            n = min(base.diffusion_candidates, ranked.shape[1])
+            n = min(base.rerank.diffusion_candidates, ranked.shape[1])
             qrows = np.searchsorted(queries, qids)
             q = qv[qrows] if query_vectors is None else query_vectors[qrows]
             head = ranked[:, :n]
@@ -70,7 +68,7 @@ def configurations(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, vect
         return reorder
 
     def verify_head(qids: np.ndarray, ranked: np.ndarray) -> np.ndarray:
-        n = min(base.verify, ranked.shape[1])
+        n = min(base.rerank.verify, ranked.shape[1])
         qrows = np.searchsorted(queries, qids)
         head = ranked[:, :n]
         ids, _, _ = searcher.verify_arrays([searcher.local_features_of(int(g)) for g in qids], head,
@@ -96,24 +94,24 @@ def configurations(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, vect
     add("exact", {}, timed(exact))
     qe_vectors = expanded(0.0)
     if qe_n != BASELINE_QE:  # the customary baseline, so that every report can be read against it
-        add(f"exact + QE {BASELINE_QE}", {"qe": BASELINE_QE}, timed(dataclasses.replace(exact, qe=BASELINE_QE)),
+        add(f"exact + QE {BASELINE_QE}", {"qe": BASELINE_QE}, timed(exact.replace(qe=BASELINE_QE)),
             query_vectors=expanded(0.0, BASELINE_QE))
-    add(f"exact + QE {qe_n}", {"qe": qe_n}, timed(dataclasses.replace(exact, qe=qe_n)), query_vectors=qe_vectors)
+    add(f"exact + QE {qe_n}", {"qe": qe_n}, timed(exact.replace(qe=qe_n)), query_vectors=qe_vectors)
     aqe_vectors = expanded(alpha)
     add(f"exact + αQE {qe_n} (α={alpha:g})", {"qe": qe_n, "qe_alpha": alpha},
-        timed(dataclasses.replace(exact, qe=qe_n, qe_alpha=alpha)), query_vectors=aqe_vectors)
+        timed(exact.replace(qe=qe_n, qe_alpha=alpha)), query_vectors=aqe_vectors)
     if caps["diffusion"]:
-        n = base.diffusion_candidates
+        n = base.rerank.diffusion_candidates
         add(f"exact + diffusion ({n})", {"diffusion": True, "diffusion_candidates": n},
-            timed(dataclasses.replace(exact, diffusion=True, diffusion_candidates=n)), reorder=diffusion_head(None))
+            timed(exact.replace(diffusion=True, diffusion_candidates=n)), reorder=diffusion_head(None))
         add(f"exact + QE {qe_n} + diffusion ({n})", {"qe": qe_n, "diffusion": True, "diffusion_candidates": n},
-            timed(dataclasses.replace(exact, qe=qe_n, diffusion=True, diffusion_candidates=n)),
+            timed(exact.replace(qe=qe_n, diffusion=True, diffusion_candidates=n)),
             query_vectors=qe_vectors, reorder=diffusion_head(qe_vectors))
-    if caps["verify"] and base.verify > 0:
-        n = base.verify
+    if caps["verify"] and base.rerank.verify > 0:
+        n = base.rerank.verify
 
         def verify_run() -> None:
-            ids, scores = searcher.search_arrays(qv, dataclasses.replace(exact, k=n), exclude=queries)
+            ids, scores = searcher.search_arrays(qv, exact.replace(k=n), exclude=queries)
             searcher.verify_arrays([searcher.local_features_of(int(g)) for g in queries], ids, scores, n)
         add(f"exact + verification ({n})", {"verify": n}, timed(exact, verify_run), reorder=verify_head)
     dba = (searcher.manifest.dba or {}).get("k")
@@ -129,8 +127,8 @@ def feedback_rounds(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, rou
     lab = np.asarray(searcher.labels, dtype=object)
     keep = np.asarray([lab[q] is not None for q in queries])
     queries, qv = queries[keep], qv[keep]
-    search = dataclasses.replace(opts or SearchOptions(), method="exact", k=shown, qe=0, diffusion=False, verify=0,
-                                 feedback=weights)
+    search = (opts or SearchOptions()).replace(method="exact", k=shown, qe=0, diffusion=False, verify=0,
+                                               feedback=weights)
     liked: list[set[int]] = [set() for _ in queries]
     unliked: list[set[int]] = [set() for _ in queries]
     current = normalise_rows(np.asarray(qv, np.float32))

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.backbone.network import ModelSpec
     from pipelines import extract, index
     from pipelines.query import format_table, run_query
-    from search.methods import SearchOptions
+    from search.options import Rerank, SearchOptions
     from transforms.inference import BatchingOptions
 
     out = os.path.abspath(args.output)
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.time()
     sheet = os.path.join(out, "contact_sheet.png")
-    rows, failures, timings = run_query(os.path.join(out, "index"), queries, SearchOptions(k=5, rerank=True),
+    rows, failures, timings = run_query(os.path.join(out, "index"), queries,
+                                        SearchOptions(k=5, rerank=Rerank(exact=True)),
                                         weights_dir=args.weights_dir, sheet=sheet, runtime=args.runtime)
     stages["query"] = time.time() - t
     print(format_table(rows))

@@ -112,10 +112,10 @@ def run(cfg: NeighborsConfig, beam_args: list[str] | None = None) -> NeighborsMa
         raise ValueError("--output must not be the index folder")
     version, index_manifest = index_files.resolve(cfg.index, cfg.version, cfg.signing_key)
     manifest_sha256 = hashlib.sha256(fsutil.read_bytes(fsutil.join(cfg.index, version, layout.MANIFEST))).hexdigest()
-    if cfg.options.search.verify and not index_manifest.local_features:
+    if cfg.options.search.rerank.verify and not index_manifest.local_features:
         raise ValueError(f"{cfg.index}/{version} carries no local features, so --verify cannot run: extract with "
                          "--local-features K (e.g. 256), then rebuild the index from those features")
-    if cfg.options.search.diffusion and not index_manifest.graph:
+    if cfg.options.search.rerank.diffusion and not index_manifest.graph:
         raise ValueError(f"{cfg.index}/{version} has no k-NN graph, so --diffusion cannot run: rebuild the index "
                          "with --graph-k K (e.g. 20)")
     available = ("exact", *index_manifest.index_types)
@@ -223,8 +223,8 @@ def main(args: argparse.Namespace, beam_args: list[str]) -> int:
     m = run(cfg, beam_args)
     dups = m.counts.rows_with_duplicates
     so = opts.search
-    print(f"neighbors: {m.counts.rows} rows (k={so.k}, {so.method}{'+rerank' if so.rerank else ''}"
-          f"{f'+qe{so.qe}' if so.qe else ''}) from {m.index.version} in {m.elapsed_seconds:.1f}s "
+    print(f"neighbors: {m.counts.rows} rows (k={so.k}, {so.method}{'+rerank' if so.rerank.exact else ''}"
+          f"{f'+qe{so.rerank.qe}' if so.rerank.qe else ''}) from {m.index.version} in {m.elapsed_seconds:.1f}s "
           f"({m.items_per_second or 0:.0f} items/s) → {cfg.output}"
           + (f"; {dups} items have exact duplicates" if dups is not None else ""))
     return 0

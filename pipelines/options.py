@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from models.backbone.presets import PRESETS
-from search.methods import LSH_RADIUS, SearchOptions
+from search.options import LSH_RADIUS, SearchOptions
 
 SEARCH_METHODS = ("auto", "hnsw", "annoy", "lsh", "both", "exact")
 
@@ -172,4 +172,4 @@ def search_options(args: argparse.Namespace, **overrides) -> SearchOptions:
         weights = FeedbackWeights.parse(text) if text else FeedbackWeights()
         fields["feedback"] = weights.with_kernel(kernel) if kernel else weights
     fields.update(overrides)
-    return SearchOptions(**fields)
+    return SearchOptions.from_dict(fields)

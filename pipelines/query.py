@@ -18,7 +18,7 @@ from typing import Any
 from inspection.sheet import contact_sheet, save_png
 from plumbing import fsutil
 from search.embedder import open_embedder
-from search.methods import SearchOptions
+from search.options import SearchOptions
 from search.searcher import Searcher
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def run_query(
     (with ``serving``, as batches of requests to TF Serving).
 
     ``like`` / ``unlike`` are image ids of indexed results marked relevant / not relevant
-    (relevance feedback, applied to every query). With ``opts.verify``, each query image's
+    (relevance feedback, applied to every query). With ``opts.rerank.verify``, each query image's
     local features are extracted as the index's were and the top N verified geometrically.
     """
     t0 = time.perf_counter()
@@ -114,12 +114,12 @@ def run_query(
     t3 = time.perf_counter()
     rows = []
     opts = searcher.options(opts)
-    if opts.verify and not searcher.capabilities["verify"]:
+    if opts.rerank.verify and not searcher.capabilities["verify"]:
         raise ValueError(f"{index} carries no local features, so --verify cannot run: extract with "
                          "--local-features K (e.g. 256), then rebuild the index from those features")
     like_ids, unlike_ids = _marked(searcher, like), _marked(searcher, unlike)
     for path, vec in zip(ok_paths, vectors, strict=True):
-        local = searcher.query_local_features(fsutil.read_input(path)) if opts.verify else None
+        local = searcher.query_local_features(fsutil.read_input(path)) if opts.rerank.verify else None
         hits = searcher.search(vec, opts, like=like_ids, unlike=unlike_ids, local=local)
         rows.append({"query": path, "results": [searcher.describe(h, r + 1) for r, h in enumerate(hits)]})
     t4 = time.perf_counter()

@@ -20,7 +20,7 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from search.methods import SearchOptions
+from search.options import Rerank, SearchOptions
 from search.searcher import Searcher
 
 SCHEMA = pa.schema(
@@ -40,7 +40,8 @@ SCHEMA = pa.schema(
 class NeighborOptions:
     """The search every row is made with (re-ranked exactly by default), and the table's own settings."""
 
-    search: SearchOptions = dataclasses.field(default_factory=lambda: SearchOptions(rerank=True, batch_size=256))
+    search: SearchOptions = dataclasses.field(
+        default_factory=lambda: SearchOptions(batch_size=256, rerank=Rerank(exact=True)))
     max_duplicates: int = 100  # duplicate_ids listed per row; duplicate_count has the full number
 
     @property
@@ -95,17 +96,10 @@ def neighbor_table(
     """Neighbour rows of the given global ids, searched as one batch with each item excluded."""
     gids = np.asarray(gids, np.int64)
     vectors = searcher.vectors_of(gids)
-    verify_n = opts.search.verify
-    counts = None
-    if verify_n:  # verified copies: the top N re-ordered by inliers against each item's own local features
-        wide = dataclasses.replace(opts.search, k=max(opts.search.k, verify_n), verify=0)
-        ids, scores = searcher.search_arrays(vectors, wide, exclude=gids)
-        ids, scores, counts = searcher.verify_arrays([searcher.local_features_of(int(g)) for g in gids], ids,
-                                                     scores, verify_n)
-        k = opts.search.k
-        ids, scores, counts = ids[:, :k], scores[:, :k], counts[:, :k]
-    else:
-        ids, scores = searcher.search_arrays(vectors, opts.search, exclude=gids)
+    # --verify: the top N re-ordered by inliers against each item's own local features; the global top N
+    # only, since a vote search per corpus item would cost tens of milliseconds each
+    ranking = searcher.rank(vectors, opts.search, exclude=gids, verify_votes=False)
+    ids, scores, counts = ranking.ids, ranking.scores, ranking.inliers
     names = searcher.image_ids
     col_inliers = []
     col_ids, col_scores, col_dup, col_dup_ids, col_dup_count = [], [], [], [], []

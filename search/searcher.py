@@ -1,18 +1,17 @@
-"""Offline searcher over a published index.
+"""Offline searcher over a published index: what an opened version holds, and its search entry points.
 
 Opening checks the manifest (and by default every file digest), opens each shard's
 search structures through their method (memory-mapped where the library allows) and
-keeps the id maps in memory. A batch of queries fans out over (shard, query chunk)
-tasks in a thread pool (Annoy and faiss release the GIL while they search, numpy while
-it multiplies), the per-shard candidate lists are merged into one global top-k,
-optionally re-scored exactly against the stored vectors, and optionally expanded
-(add the query's top N and search again).
+keeps the id maps in memory. Searching is the query path (``search.query_path``, the one
+order of every stage), which asks ``search.fanout`` for each shard's candidates merged
+into a global top-k and ``search.rerankers`` for expansion, diffusion, feedback and
+verification.
 
 Items have two names: ``(shard, id)`` as stored, and a *global id*, the position in
 the concatenation of the shards (``offsets[shard] + id``). The array API
-(:meth:`Searcher.search_arrays`) speaks global ids so that batch users (evaluation,
-neighbour tables) never build a Python object per hit; the :class:`Hit` API on top of
-it is what the query command prints.
+(:meth:`Searcher.rank`, :meth:`Searcher.search_arrays`) speaks global ids so that batch
+users (evaluation, neighbour tables) never build a Python object per hit; the
+:class:`Hit` API on top of it is what the query command prints.
 
 Ties are broken by ``image_id``, never by shard or position, so the merged top-k of
 an index does not depend on how many shards it was built with.
@@ -23,21 +22,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from artefacts import layout
 from artefacts.manifests import IndexManifest
 from artefacts.vector_space import space_fingerprint, transform_fingerprint
-from index_builder import local_store
+from index_builder import topk
 from models.backbone.local_features import LocalFeatures
-from search import compatibility, index_files, rerank, topk, verify
-from search.methods import METHODS, Method, SearchOptions
+from search import compatibility, index_files, query_path
+from search.fanout import ShardFanout
+from search.methods import METHODS, Method
+from search.options import SearchOptions
+from search.query_path import Ranking
+from search.rerankers import Rerankers
+from search.shards import DenseVectors, Shard, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +46,12 @@ normalise_rows = topk.normalise_rows  # re-exported: callers normalise queries a
 _DEFAULT_OPTIONS = SearchOptions()
 
 
-@dataclasses.dataclass
-class Shard:
-    number: int
-    vectors: np.ndarray  # (n, dim) float16, memory-mapped
-    image_ids: list[str]
-    uris: list[str]
-    labels: list[str | None]
-    sha256: list[str]
-    handles: dict[str, Any]  # method name → its opened structure for this shard
-    dense: Any = None  # () -> float32 (or the float16 map) view for exact search, set by the searcher
-
-    @property
-    def size(self) -> int:
-        return len(self.image_ids)
-
-
 @dataclasses.dataclass(frozen=True)
 class Hit:
     score: float  # cosine similarity in the transformed space
     shard: int
     id: int
-    inliers: int | None = None  # geometric verification (SearchOptions.verify): matches one homography explains
+    inliers: int | None = None  # geometric verification (Rerank.verify): matches one homography explains
 
 
 class Searcher:
@@ -101,10 +86,9 @@ class Searcher:
         self.dim = self.manifest.dimension.output
         names = ["exact", *[t for t in self.manifest.index_types if t in METHODS and t != "exact"]]
         self.methods: dict[str, Method] = {n: METHODS[n](self.version_dir, self.manifest) for n in names}
-        self._cache_left = max(0, cache_mb) << 20
-        self._dense: dict[int, np.ndarray] = {}
-        self._dense_lock = threading.Lock()
-        self.shards = [self._open_shard(s) for s in range(self.manifest.shards)]
+        dense = DenseVectors(cache_mb)
+        self.shards = [open_shard(self.version_dir, number, self.dim, self.methods, dense)
+                       for number in range(self.manifest.shards)]
         sizes = [s.size for s in self.shards]
         if sum(sizes) != self.manifest.items:
             raise layout.IndexIntegrityError(
@@ -121,15 +105,11 @@ class Searcher:
             len(self.image_ids)
         )
         self._resolved_cache: dict[SearchOptions, SearchOptions] = {}
-        self._plans: dict[SearchOptions, tuple[list[Method], list[int], list[Shard]]] = {}
         self._gid_of: dict[str, int] | None = None
-        self._graph = self._open_graph()
-        self._local = ([local_store.ShardLocal(os.path.join(self.version_dir, layout.shard_dir(s.number)), s.size)
-                        for s in self.shards] if self.manifest.local_features else None)
-        self._votes: dict[int, Any] = {}  # shard number -> its local-descriptor vote index, opened on first use
-        self._votes_lock = threading.Lock()
-        self._threads = threads or min(8, max(2, os.cpu_count() or 1))
-        self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="cbir-search")
+        self.rerankers = Rerankers(self.version_dir, self.manifest, self.shards, self.offsets, self._id_rank,
+                                   self.vectors_of, self.locate)
+        self.fanout = ShardFanout(self.shards, self.methods, self.offsets, self._id_rank,
+                                  threads or min(8, max(2, os.cpu_count() or 1)))
         log.info("opened %s: %d items in %d shards (%s)", self.version_dir, self.size, len(self.shards),
                  ", ".join(str(n) for n in sizes))
 
@@ -165,9 +145,9 @@ class Searcher:
         """What this version can be asked for beyond plain search (a service shows the matching controls)."""
         return {
             "methods": list(self.available_methods),
-            "verify": self._local is not None,
-            "votes": bool((self.manifest.local_features or {}).get("vote_index")),
-            "diffusion": self._graph is not None,
+            "verify": self.rerankers.local is not None,
+            "votes": self.rerankers.has_votes,
+            "diffusion": self.rerankers.graph is not None,
             "dba": (self.manifest.dba or {}).get("k"),
             "labels": any(label is not None for label in self.labels),
         }
@@ -193,40 +173,6 @@ class Searcher:
         return open_embedder(self.version_dir, self.manifest, weights_dir, model=model, precision=precision,
                              runtime=runtime)
 
-    def _open_shard(self, number: int) -> Shard:
-        d = os.path.join(self.version_dir, layout.shard_dir(number))
-        idmap = pq.read_table(os.path.join(d, layout.IDMAP_FILE))
-        n = idmap.num_rows
-        vectors = np.load(os.path.join(d, layout.VECTORS_FILE), mmap_mode="r")
-        if vectors.ndim != 2 or vectors.shape[0] != n or (n and vectors.shape[1] != self.dim):
-            raise layout.IndexIntegrityError(
-                f"{d}: the id map holds {n} items but the vectors are {vectors.shape} (index dimension {self.dim})"
-            )
-        if idmap.column("id").to_pylist() != list(range(n)):
-            raise layout.IndexIntegrityError(f"{d}: the id map is not dense 0..{n - 1}")
-        shard = Shard(
-            number=number,
-            vectors=vectors,
-            image_ids=idmap.column("image_id").to_pylist(),
-            uris=idmap.column("uri").to_pylist(),
-            labels=idmap.column("label").to_pylist(),
-            sha256=idmap.column("sha256").to_pylist(),
-            handles={name: m.open_shard(d, n, number) for name, m in self.methods.items()},
-        )
-        shard.dense = lambda s=shard: self._exact_vectors(s)
-        return shard
-
-    def _exact_vectors(self, shard: Shard) -> np.ndarray:
-        """The shard's vectors as float32 when the cache budget allows, else the float16 map."""
-        dense = self._dense.get(shard.number)
-        if dense is not None:
-            return dense
-        with self._dense_lock:
-            if shard.number not in self._dense and shard.vectors.size * 4 <= self._cache_left:
-                self._dense[shard.number] = topk.as_float32(shard.vectors)
-                self._cache_left -= shard.vectors.size * 4
-        return self._dense.get(shard.number, shard.vectors)
-
     # -- ids --------------------------------------------------------------------------------------
 
     def global_id(self, shard: int, item: int) -> int:
@@ -244,8 +190,8 @@ class Searcher:
     # -- search -----------------------------------------------------------------------------------
 
     def options(self, opts: SearchOptions | None = None, **overrides: Any) -> SearchOptions:
-        """``opts`` (default :class:`SearchOptions`) with ``overrides``, checked against this index."""
-        return dataclasses.replace(opts or SearchOptions(), **overrides).resolve(self.available_methods)
+        """``opts`` (default :class:`SearchOptions`) with ``overrides`` (flat names), checked against this index."""
+        return (opts or SearchOptions()).replace(**overrides).resolve(self.available_methods)
 
     def _resolved(self, opts: SearchOptions | None) -> SearchOptions:
         """:meth:`options` without overrides, remembered per options record (a service reuses one)."""
@@ -257,220 +203,19 @@ class Searcher:
             found = self._resolved_cache[key] = self.options(key)
         return found
 
-    def search(self, vector: np.ndarray, opts: SearchOptions | None = None,
-               exclude: tuple[int, int] | int | None = None, like: Any = (), unlike: Any = (),
-               local: LocalFeatures | None = None, **overrides: Any) -> list[Hit]:
-        """Top-k hits for one transformed query vector (normalised here).
+    def rank(self, vectors: np.ndarray, opts: SearchOptions | None = None, exclude: np.ndarray | None = None,
+             like: Any = (), unlike: Any = (), local: Sequence[LocalFeatures | None] | None = None,
+             **overrides: Any) -> Ranking:
+        """Top-k of a batch through every stage of the query path (``search.query_path``), in its one order.
 
-        ``exclude`` drops one item, given as (shard, id) or global id, for leave-one-out
-        evaluation and neighbour tables. ``like`` / ``unlike`` (global ids) are relevance
-        feedback: the query moves toward / away from them (Rocchio, ``opts.feedback``) before
-        the search. With ``opts.verify`` N, the top N are re-ordered by geometric verification
-        against ``local`` (the query's local features; for an indexed item, its own are used
-        when ``local`` is None and ``exclude`` names it). Keywords override fields of ``opts``.
-        """
-        opts = self._resolved(opts) if not overrides else self.options(opts, **overrides)
-        if exclude is not None and not isinstance(exclude, int | np.integer):
-            exclude = self.global_id(*exclude)
-        excl = None if exclude is None else np.asarray([exclude], dtype=np.int64)
-        q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-        marked = bool(len(like) or len(unlike))
-        if not opts.verify:
-            if marked:
-                ids, scores = self.feedback_arrays(q[0], like, unlike, opts, exclude=exclude)
-            else:
-                ids, scores = self.search_arrays(q, opts, exclude=excl)
-            return self._hits(ids[0], scores[0])
-        if local is None and exclude is not None:
-            local = self.local_features_of(int(exclude))
-        if local is None:
-            raise ValueError("--verify needs the query's local features (an image query, or an indexed item)")
-        wide = dataclasses.replace(opts, k=max(opts.k, opts.verify), verify=0)
-        if marked:
-            ids, scores = self.feedback_arrays(q[0], like, unlike, wide, exclude=exclude)
-        else:
-            ids, scores = self.search_arrays(q, wide, exclude=excl)
-        n = opts.verify
-        if opts.verify_votes and self.capabilities["votes"]:
-            ids, scores, n = self._with_voted(q[0], local, ids, scores, opts.verify, exclude,
-                                              np.asarray(list(unlike), np.int64))
-        ids, scores, counts = self.verify_arrays([local], ids, scores, n)
-        return self._hits(ids[0, : opts.k], scores[0, : opts.k], counts[0, : opts.k])
-
-    def vote_candidates(self, local: LocalFeatures, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``n`` items most query descriptors match (ratio-tested, in the shards' vote indexes).
-
-        (global ids, votes), most votes first, items with no vote left out. This finds an
-        edited copy whose global descriptor drifted out of the top N (a crop, a rotation):
-        the pixels it kept still carry their local features.
-        """
-        if not self.capabilities["votes"]:
-            raise ValueError(f"{self.version_dir} has no local-descriptor vote index: rebuild it from features "
-                             "extracted with --local-features K")
-        root = (local_store.root_sift(local.descriptors) if local.size
-                else np.zeros((0, local_store.DESCRIPTOR_DIM), np.float32))
-        gids, counts = [], []
-        for s in self.shards:
-            with self._votes_lock:
-                index = self._votes.get(s.number)
-                if index is None:
-                    index = self._votes[s.number] = local_store.open_vote_index(
-                        os.path.join(self.version_dir, layout.shard_dir(s.number)))
-            v = local_store.votes(index, root, s.size)
-            top = np.flatnonzero(v)
-            gids.append(top + self.offsets[s.number])
-            counts.append(v[top])
-        gid, count = np.concatenate(gids), np.concatenate(counts)
-        order = np.lexsort((self._id_rank[gid], -count))[:n]
-        return gid[order], count[order]
-
-    def _with_voted(self, q: np.ndarray, local: LocalFeatures, ids: np.ndarray, scores: np.ndarray, n: int,
-                    exclude: int | None, rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        """The global top ``n`` followed by up to ``n`` more candidates from local-descriptor votes, to verify."""
-        head = ids[0, :n][ids[0, :n] >= 0]
-        voted, _ = self.vote_candidates(local, n)
-        drop = np.concatenate([head, rejected, [] if exclude is None else [exclude]]).astype(np.int64)
-        voted = voted[~np.isin(voted, drop)][:n]
-        if not len(voted):
-            return ids, scores, n
-        cos = self.vectors_of(voted) @ normalise_rows(q.reshape(1, -1))[0]
-        tail = ~np.isin(ids[0, n:], voted)
-        rest, rest_scores = ids[0, n:][tail], scores[0, n:][tail]
-        out_ids = np.concatenate([head, voted, rest])[None, :]
-        out_scores = np.concatenate([scores[0, : len(head)], cos.astype(np.float32), rest_scores])[None, :]
-        return out_ids, out_scores, len(head) + len(voted)
-
-    def _marked_vectors(self, like: Any, unlike: Any) -> tuple[np.ndarray, np.ndarray]:
-        for gid in [*like, *unlike]:
-            self.locate(int(gid))  # IndexError for an id this version does not hold
-        return (self.vectors_of(np.asarray(list(like), np.int64).reshape(-1)),
-                self.vectors_of(np.asarray(list(unlike), np.int64).reshape(-1)))
-
-    def feedback_arrays(self, vector: np.ndarray, like: Any, unlike: Any, opts: SearchOptions | None = None,
-                        exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of one query after relevance feedback: (ids (1, k), cosines to the moved query).
-
-        Rocchio moves the query (``opts.feedback``); its top ``candidates`` (the method and
-        re-rankers of ``opts`` apply) are re-ordered by :func:`rerank.feedback_scores` on the
-        marks. Items marked not relevant are never returned: a user who rejected a result
-        is not shown it again. ``like`` / ``unlike`` are global ids; ``exclude`` one more.
-        """
-        opts = self._resolved(opts)
-        weights = opts.feedback
-        liked, unliked = self._marked_vectors(like, unlike)
-        rejected = np.unique(np.asarray(list(unlike), np.int64).reshape(-1))
-        moved = rerank.rocchio(vector, liked, unliked, weights)
-        pool = max(opts.k, weights.candidates if weights.power > 0 else 0) + len(rejected)
-        excl = None if exclude is None else np.asarray([exclude], np.int64)
-        ids, scores = self.search_arrays(moved[None, :], dataclasses.replace(opts, k=pool), exclude=excl)
-        ids, scores = ids[0], scores[0]
-        keep = (ids >= 0) & ~np.isin(ids, rejected)
-        ids, scores = ids[keep], scores[keep]
-        if weights.power > 0 and len(ids):
-            relevance = rerank.feedback_scores(vector, liked, unliked, self.vectors_of(ids), weights)
-            order = rerank.order_by(relevance, scores)
-            ids, scores = ids[order], scores[order]
-        out_ids = np.full((1, opts.k), -1, np.int64)
-        out_scores = np.full((1, opts.k), -np.inf, np.float32)
-        n = min(opts.k, len(ids))
-        out_ids[0, :n], out_scores[0, :n] = ids[:n], scores[:n]
-        return out_ids, out_scores
-
-    def local_features_of(self, gid: int) -> LocalFeatures | None:
-        """The stored local features of an indexed item (None when this index carries none)."""
-        if self._local is None:
-            return None
-        shard, item = self.locate(gid)
-        points, descriptors = self._local[shard].item(item)
-        return LocalFeatures(points, descriptors)
-
-    def query_local_features(self, image_bytes: bytes) -> LocalFeatures | None:
-        """Local features of a query image, extracted as the index's were (None when it carries none)."""
-        info = self.manifest.local_features
-        if not info:
-            return None
-        from models.backbone.local_features import from_image_bytes
-
-        return from_image_bytes(image_bytes, int(info["max_keypoints"]), int(info.get("max_side", 512)))
-
-    def verify_arrays(self, queries: list[LocalFeatures | None], ids: np.ndarray, scores: np.ndarray, n: int
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each row's top ``n`` re-ordered by verified inliers (global score breaking ties).
-
-        Returns (ids, scores, inliers); inliers is -1 beyond the verified top ``n`` and where
-        the query had no local features. Only the candidates' local features are read.
-        """
-        if self._local is None:
-            raise ValueError(f"{self.version_dir} carries no local features, so --verify cannot run: extract with "
-                             "--local-features K (e.g. 256), then rebuild the index from those features")
-        ids, scores = ids.copy(), scores.copy()
-        counts = np.full(ids.shape, -1, np.int32)
-        for row, query in enumerate(queries):
-            if query is None:
-                continue
-            top = min(n, int((ids[row] >= 0).sum()))
-            cand = ids[row, :top]
-            found = verify.verify(query, [self.local_features_of(int(g)) for g in cand])
-            order = verify.rerank(cand, scores[row, :top], found)
-            ids[row, :top], scores[row, :top], counts[row, :top] = cand[order], scores[row, :top][order], found[order]
-        return ids, scores, counts
-
-    def _open_graph(self) -> tuple[np.ndarray, np.ndarray] | None:
-        info = self.manifest.graph
-        if not info:
-            return None
-        ids = np.load(os.path.join(self.version_dir, info["neighbours"]), mmap_mode="r")
-        sims = np.load(os.path.join(self.version_dir, info["similarities"]), mmap_mode="r")
-        if ids.shape != sims.shape or ids.ndim != 2 or ids.shape[0] != self.manifest.items:
-            raise layout.IndexIntegrityError(f"{self.version_dir}: the k-NN graph is {ids.shape} / {sims.shape}, "
-                                             f"not (items={self.manifest.items}, k)")
-        return ids, sims
-
-    def diffuse_lists(self, ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's candidates (global ids, cosines) re-ordered by diffusion over the graph, top ``k``.
-
-        Scores stay the cosines (so a sheet still shows similarities); the order is diffusion's.
-        """
-        if self._graph is None:
-            raise ValueError(f"{self.version_dir} has no k-NN graph, so --diffusion cannot run: rebuild the index "
-                             "with --graph-k K (e.g. 20)")
-        graph_ids, graph_sims = self._graph
-        out_ids = np.full((len(ids), k), -1, np.int64)
-        out_scores = np.full((len(ids), k), -np.inf, np.float32)
-        dopts = rerank.DiffusionOptions(candidates=ids.shape[1])
-        for row in range(len(ids)):
-            keep = ids[row] >= 0
-            cand, cs = ids[row][keep], scores[row][keep]
-            if not len(cand):
-                continue
-            f = rerank.diffuse(cand, cs, graph_ids[cand], graph_sims[cand], dopts)
-            order = rerank.order_by(f, cs)[:k]
-            out_ids[row, : len(order)], out_scores[row, : len(order)] = cand[order], cs[order]
-        return out_ids, out_scores
-
-    def _search_block(self, q: np.ndarray, opts: SearchOptions, excl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One batch through candidate generation, query expansion and diffusion."""
-        first = dataclasses.replace(opts, k=max(opts.k, opts.diffusion_candidates)) if opts.diffusion else opts
-        ids, scores = self._search_once(q, first, excl)
-        if opts.qe > 0:
-            ids, scores = self._search_once(self.expand(q, ids, opts.qe, scores, opts.qe_alpha), first, excl)
-        if opts.diffusion:
-            ids, scores = self.diffuse_lists(ids, scores, opts.k)
-        return ids, scores
-
-    def search_batch(self, vectors: np.ndarray, opts: SearchOptions | None = None, **overrides: Any
-                     ) -> list[list[Hit]]:
-        """:meth:`search` for many queries at once (``exclude`` is one global id per query)."""
-        ids, scores = self.search_arrays(vectors, opts, **overrides)
-        return [self._hits(i, s) for i, s in zip(ids, scores, strict=True)]
-
-    def search_arrays(self, vectors: np.ndarray, opts: SearchOptions | None = None,
-                      exclude: np.ndarray | None = None, **overrides: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k of a batch: (global ids (B, k) int64, scores (B, k) float32), best first.
-
-        Rows with fewer than k results (LSH finding few candidates, tiny indexes) are
-        padded with id -1 and score -inf. ``exclude`` holds one global id per query (-1
-        for none).
+        Rows with fewer than k results (LSH finding few candidates, tiny indexes) are padded
+        with id -1 and score -inf. ``exclude`` holds one global id per query (-1 for none).
+        ``like`` / ``unlike`` (global ids) are relevance feedback for every query of the batch:
+        the queries move toward / away from them (Rocchio, ``opts.feedback``) and a kernel on
+        the marks re-orders the results; rejected items are never returned. With
+        ``opts.rerank.verify`` N, the top N are re-ordered by geometric verification against
+        ``local`` (each query's local features; a None row, or no list, uses the excluded
+        item's own). Keywords override fields of ``opts`` by their flat names.
         """
         opts = self._resolved(opts) if not overrides else self.options(opts, **overrides)
         q = np.asarray(vectors, dtype=np.float32)
@@ -481,15 +226,53 @@ class Searcher:
         excl = np.full(len(q), -1, np.int64) if exclude is None else np.asarray(exclude, np.int64).reshape(-1)
         if len(excl) != len(q):
             raise ValueError(f"exclude holds {len(excl)} ids for {len(q)} queries")
-        if len(q) <= opts.batch_size and opts.qe == 0 and not opts.diffusion:  # no copy into output arrays
-            return self._search_once(normalise_rows(q), opts, excl)
-        out_ids = np.full((len(q), opts.k), -1, np.int64)
-        out_scores = np.full((len(q), opts.k), -np.inf, np.float32)
-        for lo in range(0, len(q), opts.batch_size):
-            hi = min(lo + opts.batch_size, len(q))
-            ids, scores = self._search_block(normalise_rows(q[lo:hi]), opts, excl[lo:hi])
-            out_ids[lo:hi], out_scores[lo:hi] = ids, scores
-        return out_ids, out_scores
+        marks = self.rerankers.marks(like, unlike) if len(like) or len(unlike) else None
+        return query_path.rank(self, q, opts, excl, marks, local)
+
+    def search_arrays(self, vectors: np.ndarray, opts: SearchOptions | None = None,
+                      exclude: np.ndarray | None = None, like: Any = (), unlike: Any = (),
+                      local: Sequence[LocalFeatures | None] | None = None, **overrides: Any
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """(global ids (B, k) int64, scores (B, k) float32) of :meth:`rank`, for batch users (no objects per hit)."""
+        ranking = self.rank(vectors, opts, exclude, like, unlike, local, **overrides)
+        return ranking.ids, ranking.scores
+
+    def search(self, vector: np.ndarray, opts: SearchOptions | None = None,
+               exclude: tuple[int, int] | int | None = None, like: Any = (), unlike: Any = (),
+               local: LocalFeatures | None = None, **overrides: Any) -> list[Hit]:
+        """Top-k hits of one transformed query vector: :meth:`rank` of a batch of one.
+
+        ``exclude`` drops one item, given as (shard, id) or global id, for leave-one-out
+        evaluation and neighbour tables; verification (``opts.rerank.verify``) then uses its own
+        local features when ``local`` is None.
+        """
+        if exclude is not None and not isinstance(exclude, int | np.integer):
+            exclude = self.global_id(*exclude)
+        excl = None if exclude is None else np.asarray([exclude], dtype=np.int64)
+        q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        ranking = self.rank(q, opts, excl, like, unlike, None if local is None else [local], **overrides)
+        return self._hits(ranking.ids[0], ranking.scores[0], None if ranking.inliers is None else ranking.inliers[0])
+
+    def search_batch(self, vectors: np.ndarray, opts: SearchOptions | None = None, **kw: Any) -> list[list[Hit]]:
+        """:meth:`search` for many queries at once (``exclude`` is one global id per query)."""
+        ranking = self.rank(vectors, opts, **kw)
+        inliers = [None] * len(ranking.ids) if ranking.inliers is None else ranking.inliers
+        return [self._hits(i, s, c) for i, s, c in zip(ranking.ids, ranking.scores, inliers, strict=True)]
+
+    def feedback_arrays(self, vector: np.ndarray, like: Any, unlike: Any, opts: SearchOptions | None = None,
+                        exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of one query through the feedback stages even with no marks, without verification.
+
+        (ids (1, k), cosines to the moved query). A simulated user's round (``evaluation``)
+        is scored this way whether or not it marked anything, as ``cbir query --like`` is.
+        """
+        opts = self._resolved(opts).replace(verify=0)
+        q = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        excl = np.asarray([-1 if exclude is None else exclude], np.int64)
+        ranking = query_path.rank(self, q, opts, excl, self.rerankers.marks(like, unlike), None)
+        return ranking.ids, ranking.scores
+
+    # -- the re-rankers' own entry points (``search.rerankers``) ------------------------------------
 
     def expand(self, queries: np.ndarray, ids: np.ndarray, n: int, scores: np.ndarray | None = None,
                alpha: float = 0.0) -> np.ndarray:
@@ -499,81 +282,33 @@ class Searcher:
         similarity to the query raised to ``alpha`` (αQE, Radenović et al.), negative
         similarities weighing nothing.
         """
-        top = ids[:, :n]
-        neighbours = self.vectors_of(top)
-        if alpha > 0 and scores is not None:
-            w = np.where(top >= 0, np.maximum(scores[:, :n], 0.0), 0.0) ** alpha
-            neighbours = neighbours * w[..., None].astype(np.float32)
-        return normalise_rows(np.asarray(queries, np.float32) + neighbours.sum(axis=1))
+        return self.rerankers.expand(queries, ids, n, scores, alpha)
 
-    def _plan(self, opts: SearchOptions) -> tuple[list[Method], list[int], list[Shard]]:
-        """(methods, candidates per method, non-empty shards) of an options record, worked out once per record."""
-        plan = self._plans.get(opts)
-        if plan is None:
-            methods = [self.methods[n] for n in opts.methods()]
-            union = len(methods) > 1
-            counts = [opts.candidates or m.default_candidates(opts, union) for m in methods]
-            if len(self._plans) >= 512:
-                self._plans.clear()
-            plan = self._plans[opts] = (methods, counts, [s for s in self.shards if s.size])
-        return plan
+    def diffuse_lists(self, ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's candidates (global ids, cosines) re-ordered by diffusion over the graph, top ``k``."""
+        return self.rerankers.diffuse_lists(ids, scores, k)
 
-    def _search_once(self, q: np.ndarray, opts: SearchOptions, excl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        methods, counts, shards = self._plan(opts)
-        if np.any(excl >= 0):  # the excluded item may take one of the places
-            counts = [c + 1 for c in counts]
-        if not shards:
-            return np.full((len(q), opts.k), -1, np.int64), np.full((len(q), opts.k), -np.inf, np.float32)
-        parallel = all(m.parallel for m in methods)
-        chunks = 1 if not parallel else max(1, min(len(q), -(-self._threads // len(shards))))
-        if chunks == 1:
-            tasks = [(s, 0, len(q)) for s in shards]
-        else:
-            bounds = np.linspace(0, len(q), chunks + 1).astype(int)
-            tasks = [(s, lo, hi) for s in shards for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+    def verify_arrays(self, queries: list[LocalFeatures | None], ids: np.ndarray, scores: np.ndarray, n: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each row's top ``n`` re-ordered by verified inliers: (ids, scores, inliers, -1 where unverified)."""
+        return self.rerankers.verify_arrays(queries, ids, scores, n)
 
-        def run(task):
-            s, lo, hi = task
-            return self._search_shard(s, q[lo:hi], methods, counts, opts)
+    def vote_candidates(self, local: LocalFeatures, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` items most query descriptors match: (global ids, votes), most votes first."""
+        return self.rerankers.vote_candidates(local, n)
 
-        serial = len(tasks) == 1 or not parallel
-        results = [run(t) for t in tasks] if serial else list(self._pool.map(run, tasks))
-        if len(tasks) == 1:  # one shard, one chunk: no concatenation
-            (s, _, _), (ids, scores) = tasks[0], results[0]
-            gids = np.where(ids >= 0, ids + self.offsets[s.number], -1) if s.number else ids
-            return topk.merge(gids, scores, opts.k, excl, self._id_rank)
-        per_shard_ids: dict[int, list[np.ndarray]] = {}
-        per_shard_scores: dict[int, list[np.ndarray]] = {}
-        for (s, _, _), (ids, scores) in zip(tasks, results, strict=True):
-            gids = np.where(ids >= 0, ids + self.offsets[s.number], -1)
-            per_shard_ids.setdefault(s.number, []).append(gids)
-            per_shard_scores.setdefault(s.number, []).append(scores)
-        width = max(a.shape[1] for parts in per_shard_ids.values() for a in parts)
-        all_ids = np.concatenate(
-            [np.concatenate([topk.pad(a, width, -1) for a in parts]) for parts in per_shard_ids.values()], axis=1
-        )
-        all_scores = np.concatenate(
-            [np.concatenate([topk.pad(a, width, -np.inf) for a in parts]) for parts in per_shard_scores.values()],
-            axis=1,
-        )
-        return topk.merge(all_ids, all_scores, opts.k, excl, self._id_rank)
+    def local_features_of(self, gid: int) -> LocalFeatures | None:
+        """The stored local features of an indexed item (None when this index carries none)."""
+        return self.rerankers.local_features_of(gid)
 
-    def _search_shard(self, shard: Shard, q: np.ndarray, methods: list[Method], counts: list[int],
-                      opts: SearchOptions) -> tuple[np.ndarray, np.ndarray]:
-        """(local ids (b, ≤n'), scores) of one shard for a query chunk; -1 / -inf pads.
+    def query_local_features(self, image_bytes: bytes) -> LocalFeatures | None:
+        """Local features of a query image, extracted as the index's were (None when it carries none)."""
+        info = self.manifest.local_features
+        if not info:
+            return None
+        from models.backbone.local_features import from_image_bytes
 
-        One method's own cosines are kept unless re-ranking was asked for; a union, or a
-        method whose order is not by cosine, is re-scored from the stored vectors.
-        """
-        found = [m.search(shard.handles[m.name], shard, q, min(n, shard.size), opts)
-                 for m, n in zip(methods, counts, strict=True)]
-        if len(found) == 1:
-            ids, scores = found[0]
-            if scores is not None and (methods[0].name == "exact" or not opts.rerank):
-                return ids, scores
-        else:
-            ids = topk.union_rows(*(f[0] for f in found))
-        return ids, topk.score(shard.dense(), q, ids)  # the float32 copy when the cache holds it: same values
+        return from_image_bytes(image_bytes, int(info["max_keypoints"]), int(info.get("max_side", 512)))
 
     def near_duplicates(self, vectors: np.ndarray, max_hamming: int | None = None) -> list[list[tuple[int, int]]]:
         """Per query vector, every indexed item whose LSH code lies within ``max_hamming`` bits:
@@ -647,7 +382,7 @@ class Searcher:
         return np.concatenate([np.asarray(s.vectors, dtype=np.float32).reshape(-1, self.dim) for s in self.shards])
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        self.fanout.close()
         for s in self.shards:
             for name, handle in s.handles.items():
                 self.methods[name].close_shard(handle)
@@ -659,4 +394,4 @@ class Searcher:
         self.close()
 
 
-__all__ = ["Hit", "IndexManifest", "Searcher", "SearchOptions", "Shard", "normalise_rows"]
+__all__ = ["Hit", "IndexManifest", "Ranking", "Searcher", "SearchOptions", "Shard", "normalise_rows"]

@@ -9,7 +9,8 @@ import numpy as np
 from annoy import AnnoyIndex
 
 from artefacts import layout
-from search.methods.base import Method, SearchOptions
+from search.methods.base import Method
+from search.options import SearchOptions
 
 RERANK_FACTOR = 4  # Annoy candidates per shard = RERANK_FACTOR * k when they are re-scored
 
@@ -37,13 +38,13 @@ class AnnoyMethod(Method):
             handle[0].unload()
 
     def default_candidates(self, opts: SearchOptions, union: bool) -> int:
-        return RERANK_FACTOR * opts.k if (opts.rerank or union) else opts.k
+        return RERANK_FACTOR * opts.k if (opts.rerank.exact or union) else opts.k
 
     def search(self, handle: Any, shard: Any, q: np.ndarray, n: int, opts: SearchOptions
                ) -> tuple[np.ndarray, np.ndarray | None]:
         index, calibrated = handle
-        if opts.search_k != -1:
-            search_k = opts.search_k
+        if opts.effort.annoy_search_k != -1:
+            search_k = opts.effort.annoy_search_k
         elif calibrated > 0:  # calibrated for k candidates: keep at least trees × n for more
             search_k = max(calibrated, self.manifest.annoy.trees * n)
         else:

@@ -1,4 +1,4 @@
-"""The seam every search method plugs into: one options record, one candidate-generator interface.
+"""The seam every search method plugs into: one candidate-generator interface (options: ``search.options``).
 
 A method turns a chunk of (normalised) query vectors into per-shard candidates: local
 ids, and scores when it has exact cosines. The searcher does the rest for every method
@@ -10,89 +10,12 @@ registers itself in ``search.methods``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import numpy as np
 
 from artefacts.manifests import IndexManifest
-from search.rerank import FeedbackWeights
-
-LSH_RADIUS = 3  # largest MIH substring radius probed when nearer buckets hold too few candidates
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchOptions:
-    """Everything a search can be asked for; every search entry point takes this one record.
-
-    ``method`` is a method name (``exact``, ``annoy``, ``lsh``, ``hnsw``), ``auto`` (the
-    fastest type the index has: HNSW, else Annoy), ``both`` (Annoy and LSH), or several names
-    joined by ``+``: the union of their candidates, re-scored exactly. ``candidates`` (per
-    shard) overrides each method's own default count; ``search_k`` (Annoy), ``ef_search``
-    (HNSW) and ``lsh_candidates`` tune one method each, ``-1`` / ``0`` meaning the value the
-    index calibrated per shard (or the library's default).
-
-    Re-ranking (``search.rerank``, ``search.verify``) runs after candidate generation:
-    ``qe`` / ``qe_alpha`` expand the query with its top results and search again;
-    ``diffusion`` re-orders the top ``diffusion_candidates`` by diffusion over the index's
-    k-NN graph (``cbir index --graph-k``); ``verify`` re-orders the top N by geometric
-    verification inliers (needs local features: ``cbir extract --local-features``), together
-    with up to N more candidates the query's local descriptors vote for (``verify_votes``,
-    on indexes that carry a vote index);
-    ``feedback`` weighs relevance-feedback marks (Rocchio) when a search is given any.
-    """
-
-    k: int = 10
-    method: str = "auto"  # hnsw when the index has it, else annoy
-    rerank: bool = False
-    qe: int = 0
-    qe_alpha: float = 0.0  # α-weighted query expansion: weights similarity**alpha (0: plain average)
-    search_k: int = -1
-    ef_search: int = 0
-    lsh_radius: int = LSH_RADIUS
-    lsh_candidates: int = 0
-    candidates: int = 0
-    batch_size: int = 1024
-    diffusion: bool = False
-    diffusion_candidates: int = 100
-    verify: int = 0
-    verify_votes: bool = True  # also verify up to ``verify`` candidates proposed by local-descriptor votes
-    feedback: FeedbackWeights = FeedbackWeights()
-
-    def methods(self) -> tuple[str, ...]:
-        names = ("annoy", "lsh") if self.method == "both" else tuple(self.method.split("+"))
-        return tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
-
-    def validate(self, available: tuple[str, ...]) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, not {self.k}")
-        if self.qe < 0:
-            raise ValueError(f"--qe must not be negative, not {self.qe}")
-        if self.qe_alpha < 0:
-            raise ValueError(f"--qe-alpha must not be negative, not {self.qe_alpha}")
-        if self.verify < 0:
-            raise ValueError(f"--verify must not be negative, not {self.verify}")
-        if self.diffusion and self.diffusion_candidates < 2:
-            raise ValueError(f"--diffusion-candidates must be at least 2, not {self.diffusion_candidates}")
-        names = self.methods()
-        if not names:
-            raise ValueError("no search method given")
-        for name in names:
-            if name not in available:
-                raise ValueError(f"method {name!r} is not available here: this index has {', '.join(available)}")
-        if "exact" in names and len(names) > 1:
-            raise ValueError("exact search cannot be combined with other methods: it already finds the true top-k")
-
-    def resolve(self, available: tuple[str, ...]) -> SearchOptions:
-        """``auto`` replaced by the method this index answers best with; checked against ``available``."""
-        opts = self
-        if self.method == "auto":
-            opts = dataclasses.replace(self, method="hnsw" if "hnsw" in available else "annoy")
-        opts.validate(available)
-        return opts
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from search.options import SearchOptions
 
 
 class Method:

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from search import topk
-from search.methods.base import Method, SearchOptions
+from index_builder import topk
+from search.methods.base import Method
+from search.options import SearchOptions
 
 
 class ExactMethod(Method):

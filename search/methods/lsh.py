@@ -16,7 +16,8 @@ import numpy as np
 
 from artefacts import layout
 from index_builder import lsh
-from search.methods.base import Method, SearchOptions
+from search.methods.base import Method
+from search.options import SearchOptions
 
 LSH_FACTOR = 20  # LSH candidates per shard = LSH_FACTOR * k when the index recorded no calibrated count
 
@@ -42,11 +43,11 @@ class LshMethod(Method):
         return codes, lsh.HammingScan(codes), tables, self.calibrated(number, "candidates")
 
     def default_candidates(self, opts: SearchOptions, union: bool) -> int:
-        return opts.lsh_candidates or LSH_FACTOR * opts.k
+        return opts.effort.lsh_candidates or LSH_FACTOR * opts.k
 
     def candidates_for(self, handle: Any, opts: SearchOptions) -> int | None:
         """The per-shard count: the option, else the calibrated one scaled to k, else LSH_FACTOR·k."""
-        if opts.lsh_candidates or opts.candidates:
+        if opts.effort.lsh_candidates or opts.candidates:
             return None
         calibrated = handle[3]
         if calibrated:

@@ -14,7 +14,7 @@ from models.autoencoders.denoiser import Denoiser, decode_rgb, encode_png
 from models.autoencoders.pixel_noise import add_noise
 from pipelines.cli import main as cli_main
 from pipelines.query import run_query
-from search.methods import SearchOptions
+from search.options import SearchOptions
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from evaluation.metrics import label_precision_at_k
 from pipelines.query import run_query
 from search.embedder import open_embedder
-from search.methods import SearchOptions
+from search.options import SearchOptions
 from search.searcher import Searcher
 
 

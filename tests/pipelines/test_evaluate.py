@@ -10,7 +10,7 @@ import pytest
 from evaluation import metrics
 from pipelines import cli
 from pipelines.evaluate import EvaluateConfig, format_markdown, run
-from search.methods import LSH_RADIUS, SearchOptions
+from search.options import LSH_RADIUS, Rerank, SearchOptions
 from search.searcher import Searcher, normalise_rows
 
 K = 10
@@ -110,8 +110,8 @@ def test_evaluate_equals_brute_force(searcher, flowers_index):
 
 
 def test_query_expansion_figures_equal_brute_force(searcher, flowers_index):
-    report = run(EvaluateConfig(index=str(flowers_index[0]), search=SearchOptions(k=K, qe=2), methods=(), sample=150,
-                                seed=3))
+    report = run(EvaluateConfig(index=str(flowers_index[0]), search=SearchOptions(k=K, rerank=Rerank(qe=2)), methods=(),
+                                sample=150, seed=3))
     queries = np.sort(np.random.default_rng(3).choice(searcher.size, 150, replace=False))
     expected = brute_force_labels(searcher.all_vectors(), searcher.labels, queries, qe=2)
     for key, value in expected.items():

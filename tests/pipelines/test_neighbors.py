@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from artefacts import layout
+from index_builder.types import annoy as annoy_type
 from pipelines import cli
 from pipelines.neighbors import NeighborsConfig, read_neighbors, run
-from search.methods import SearchOptions
 from search.neighbors import SCHEMA, NeighborOptions, chunks
+from search.options import Rerank, SearchOptions
 from search.searcher import Searcher
 
 PHOTOS = {"0": (1, 2, 3, 4), "2": (161, 162, 163, 164), "5": (401, 402, 403, 404), "7": (561, 562, 563, 564)}
@@ -49,14 +50,14 @@ def small_index(tmp_path_factory, flowers, mobilenet_spec):
     extract.run(extract.ExtractConfig(input=str(corpus), output=str(root / "features"), model=mobilenet_spec))
     shards = _shards_with_an_empty_one(_image_ids())
     manifest = index.run(index.IndexConfig(features=str(root / "features"), output=str(root / "index"),
-                                           shards=shards, dims=8, trees=5))
+                                           shards=shards, dims=8, type_params={"annoy": annoy_type.Params(trees=5)}))
     return root, manifest
 
 
 def test_neighbor_table_never_holds_the_item_and_marks_duplicates(small_index, tmp_path, capsys):
     root, index_manifest = small_index
     out = tmp_path / "neighbors"
-    opts = NeighborOptions(SearchOptions(k=5, method="hnsw", rerank=True, batch_size=256))
+    opts = NeighborOptions(SearchOptions(k=5, method="hnsw", batch_size=256, rerank=Rerank(exact=True)))
     m = run(NeighborsConfig(index=str(root / "index"), output=str(out), options=opts, chunk_size=3))
     table = read_neighbors(str(out))
     assert table.schema.equals(SCHEMA)

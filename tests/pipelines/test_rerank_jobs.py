@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import shutil
@@ -12,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from index_builder.types import annoy as annoy_type
 from pipelines import cli
-from search.methods import SearchOptions
+from search.options import Rerank, SearchOptions
 from search.searcher import Searcher
 
 CLASSES = ("0", "1", "2", "3")
@@ -56,7 +56,7 @@ def built(tmp_path_factory, flowers, mobilenet_spec, flowers_index):
     features = extract.run(extract.ExtractConfig(input=str(corpus), output=str(root / "features"),
                                                  model=mobilenet_spec, local_features=128))
     rich = index.run(index.IndexConfig(features=str(root / "features"), output=str(root / "rich"), shards=2,
-                                       dims=16, trees=5, dba=2, graph_k=6))
+                                       dims=16, type_params={"annoy": annoy_type.Params(trees=5)}, dba=2, graph_k=6))
     (root / "plain").symlink_to(flowers_index[0], target_is_directory=True)  # built without local features
     return root, features, rich, flowers_index[1], len(photos)
 
@@ -80,7 +80,7 @@ def test_verify_puts_the_original_of_an_edited_copy_first(built):
     root = built[0]
     plain_rows, _, _ = run_query(str(root / "rich"), [str(root / "copy.jpg")], SearchOptions(k=5, method="exact"))
     rows, failures, _ = run_query(str(root / "rich"), [str(root / "copy.jpg")],
-                                  SearchOptions(k=5, method="exact", verify=40))
+                                  SearchOptions(k=5, method="exact", rerank=Rerank(verify=40)))
     assert not failures
     top = rows[0]["results"][0]
     assert top["image_id"] == ORIGINAL and top["inliers"] >= 8, rows
@@ -99,14 +99,48 @@ def test_local_descriptor_votes_bring_in_an_original_the_global_search_missed(bu
         voted, counts = s.vote_candidates(local, 3)
         assert voted[0] == original and counts[0] > counts[1:].max(initial=0)
         elsewhere = s.vectors_of(np.array([s.find("0/image_0001.jpg")]))[0]
-        opts = SearchOptions(k=5, method="exact", verify=5)
-        top, _ = s.search_arrays(elsewhere[None, :], opts)
+        opts = SearchOptions(k=5, method="exact", rerank=Rerank(verify=5))
+        top, _ = s.search_arrays(elsewhere[None, :], opts.replace(verify=0))
         assert original not in top[0]  # the global search alone cannot find it
         hits = s.search(elsewhere, opts, local=local)
         assert s.global_id(hits[0].shard, hits[0].id) == original and hits[0].inliers >= 8
-        blind = s.search(elsewhere, dataclasses.replace(opts, verify_votes=False), local=local)
+        blind = s.search(elsewhere, opts.replace(verify_votes=False), local=local)
         assert original not in [s.global_id(h.shard, h.id) for h in blind]
 
+
+
+def test_the_batch_api_honours_feedback_and_verification_as_one_query_does(built):
+    """One query path for both: each row of a batch (cut into blocks) is what ``search`` answers for it alone,
+    with marks, verification against the excluded item's own or given local features, and votes."""
+    root = built[0]
+    with Searcher(str(root / "rich")) as s:
+        assert s.capabilities["votes"]
+        gids = np.arange(0, s.size, 4, dtype=np.int64)[:7]
+        vectors = s.vectors_of(gids)
+        like, unlike = [int(gids[1]), int(gids[2])], [int(gids[3])]
+        copy = s.query_local_features((root / "copy.jpg").read_bytes())
+        local = [copy if row % 3 == 0 else None for row in range(len(gids))]  # None rows: the item's own
+        cases = [SearchOptions(k=6, method="exact", batch_size=3, rerank=Rerank(verify=5)),
+                 SearchOptions(k=6, method="hnsw", batch_size=3, rerank=Rerank(verify=8, verify_votes=False, qe=2)),
+                 SearchOptions(k=5, method="exact", batch_size=4, rerank=Rerank(diffusion=True,
+                                                                                diffusion_candidates=12))]
+        for opts in cases:
+            ranking = s.rank(vectors, opts, exclude=gids, like=like, unlike=unlike, local=local)
+            batch = s.search_batch(vectors, opts, exclude=gids, like=like, unlike=unlike, local=local)
+            ids, scores = s.search_arrays(vectors, opts, exclude=gids, like=like, unlike=unlike, local=local)
+            assert np.array_equal(ids, ranking.ids) and np.array_equal(scores, ranking.scores)
+            assert (ranking.inliers is None) == (not opts.rerank.verify)
+            for row, gid in enumerate(gids.tolist()):
+                alone = s.search(vectors[row], opts, exclude=gid, like=like, unlike=unlike, local=local[row])
+                assert batch[row] == alone
+                shown = ranking.ids[row][ranking.ids[row] >= 0]
+                assert [s.global_id(h.shard, h.id) for h in alone] == shown.tolist()
+                assert not set(shown.tolist()) & {gid, *unlike}  # excluded and rejected items never come back
+                if opts.rerank.verify:
+                    assert [h.inliers for h in alone] == [c if c >= 0 else None
+                                                          for c in ranking.inliers[row][: len(shown)].tolist()]
+        with pytest.raises(ValueError, match="local features"):  # nothing to verify against
+            s.search_arrays(vectors[:1], cases[0])
 
 def test_verify_without_local_features_is_refused_with_the_fix(built, capsys):
     root = built[0]
@@ -141,8 +175,8 @@ def test_diffusion_reorders_within_its_candidates_and_needs_the_graph(built):
         assert s.capabilities["diffusion"] and s.capabilities["verify"]
         v = s.vector(0, 3)
         base = SearchOptions(k=10, method="exact")
-        plain = {h.id for h in s.search(v, dataclasses.replace(base, k=20))}
-        diffused = s.search(v, dataclasses.replace(base, diffusion=True, diffusion_candidates=20))
+        plain = {h.id for h in s.search(v, base.replace(k=20))}
+        diffused = s.search(v, base.replace(diffusion=True, diffusion_candidates=20))
         assert len(diffused) == 10 and {h.id for h in diffused} <= plain
         with pytest.raises(ValueError, match="--graph-k"):
             p.search(p.vector(0, 0), diffusion=True)
@@ -170,7 +204,7 @@ def test_neighbors_verify_adds_inlier_counts(built, tmp_path):
     from search.neighbors import NeighborOptions
 
     root, _, _, _, n = built
-    opts = NeighborOptions(SearchOptions(k=4, method="exact", verify=4, batch_size=64))
+    opts = NeighborOptions(SearchOptions(k=4, method="exact", batch_size=64, rerank=Rerank(verify=4)))
     run(NeighborsConfig(index=str(root / "rich"), output=str(tmp_path / "nb"), options=opts, chunk_size=16))
     table = read_neighbors(str(tmp_path / "nb")).to_pylist()
     assert len(table) == n

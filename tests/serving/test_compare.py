@@ -12,7 +12,7 @@ from PIL import Image
 from evaluation.compare import CompareConfig, format_markdown
 from pipelines import cli
 from pipelines.compare import locate, run
-from search.methods import SearchOptions
+from search.options import SearchOptions
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from pipelines.export_model import index_transform
 from pipelines.query import run_query
 from search.compatibility import ModelMismatchError
 from search.embedder import open_embedder
-from search.methods import SearchOptions
+from search.options import SearchOptions
 from search.tf_serving import (
     GrpcClient,
     RestClient,
