@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
-from search.methods import SearchOptions
+from search.options import SearchOptions
 from serving.errors import BadRequest, Unavailable, json_error
 from serving.parsing import SearchRequest, check_length, parse_search, read_json, read_upload, requested_id
 from serving.state import STATE
@@ -29,7 +29,7 @@ def find_item(served: ServedVersion, image_id: str, role: str) -> int:
 
 def _options(served: ServedVersion, fields: dict[str, Any]) -> SearchOptions:
     try:
-        return served.searcher.options(SearchOptions(**fields))
+        return served.searcher.options(SearchOptions.from_dict(fields))
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
 
@@ -40,10 +40,10 @@ def run_search(served: ServedVersion, req: SearchRequest) -> dict[str, Any]:
     started = time.perf_counter()
     opts = _options(served, req.options)
     caps = served.capabilities
-    if opts.verify and not caps.get("verify"):
+    if opts.rerank.verify and not caps.get("verify"):
         raise BadRequest(f"index version {served.version} carries no local features, so verification cannot run "
                          "(extract with --local-features, then rebuild the index)")
-    if opts.diffusion and not caps.get("diffusion"):
+    if opts.rerank.diffusion and not caps.get("diffusion"):
         raise BadRequest(f"index version {served.version} has no k-NN graph, so diffusion cannot run "
                          "(rebuild the index with --graph-k)")
     like = [find_item(served, x, "like") for x in req.like]
@@ -69,7 +69,7 @@ def run_search(served: ServedVersion, req: SearchRequest) -> dict[str, Any]:
             raise BadRequest(f"the upload is not a usable image: {failures[0].error}: {failures[0].message}")
         vector = vectors[0]
         embed_ms = (time.perf_counter() - started) * 1e3
-        if opts.verify:
+        if opts.rerank.verify:
             local = s.query_local_features(req.image)
         query = {"upload": req.filename or "image", "bytes": len(req.image)}
     searched = time.perf_counter()

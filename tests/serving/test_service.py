@@ -19,7 +19,7 @@ import requests
 from _service_fixtures import copy_index, point_latest, two_versions
 from PIL import Image
 
-from search.methods import SearchOptions
+from search.options import SearchOptions
 from search.searcher import Searcher
 from serving.app import ServiceConfig, ServiceState, make_app
 from serving.errors import TimedOut, Unavailable
@@ -72,7 +72,7 @@ def ids(answer: dict) -> list[str]:
 
 
 def expected(s: Searcher, gid: int, k: int = K, exclude: bool = True, **opts) -> list[str]:
-    hits = s.search(s.vectors_of(np.asarray([gid]))[0], s.options(SearchOptions(k=k, **opts)),
+    hits = s.search(s.vectors_of(np.asarray([gid]))[0], s.options(SearchOptions(k=k), **opts),
                     exclude=gid if exclude else None)
     return [s.image_ids[s.global_id(h.shard, h.id)] for h in hits]
 
