@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from search.topk import normalise_rows
+from index_builder.topk import normalise_rows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from index_builder.types import annoy as annoy_type
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -76,7 +78,7 @@ def flowers_index(tmp_path_factory, flowers_features):
 
     out = tmp_path_factory.mktemp("flowers_index")
     manifest = index.run(index.IndexConfig(features=str(flowers_features[0]), output=str(out), shards=2,
-                                           dims=128, trees=20))
+                                           dims=128, type_params={"annoy": annoy_type.Params(trees=20)}))
     return out, manifest
 
 

@@ -100,6 +100,17 @@ class AnnoyType(IndexType):
     Params = Params
 
     @classmethod
+    def add_arguments(cls, parser: Any, positive_int: Any) -> None:
+        parser.add_argument("--trees", type=positive_int, default=DEFAULT_TREES, help="Annoy trees per shard")
+        parser.add_argument("--annoy-on-disk-mb", type=positive_int, default=None,
+                            help="build a shard's Annoy in its file (not RAM) above this estimated size")
+
+    @classmethod
+    def params_from_args(cls, args: Any) -> Params:
+        mb = args.annoy_on_disk_mb
+        return Params(trees=args.trees, on_disk_bytes=mb << 20 if mb else DEFAULT_ON_DISK_BYTES)
+
+    @classmethod
     def build(cls, shard: ShardBuild) -> dict[str, Any]:
         params = cls.params(shard)
         n, dim = shard.vectors.shape

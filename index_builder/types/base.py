@@ -100,6 +100,18 @@ class IndexType:
     local_record: ClassVar[str] = ""  # built from the shard's local features; its SHARD.json key under local_features
     Params: ClassVar[type] = type(None)  # its build parameters
 
+    # -- options ------------------------------------------------------------------------------------
+
+    @classmethod
+    def add_arguments(cls, parser: Any, positive_int: Any) -> None:
+        """Adds this type's build options to ``cbir index`` (``positive_int``: the CLI's checked integer type)."""
+        return None
+
+    @classmethod
+    def params_from_args(cls, args: Any) -> Any:
+        """This type's ``Params`` from the parsed options (its defaults when it has none)."""
+        return cls.Params() if cls.Params is not type(None) else None
+
     # -- build --------------------------------------------------------------------------------------
 
     @classmethod

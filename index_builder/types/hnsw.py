@@ -144,6 +144,16 @@ class HnswType(IndexType):
     Params = Params
 
     @classmethod
+    def add_arguments(cls, parser: Any, positive_int: Any) -> None:
+        parser.add_argument("--hnsw-m", type=positive_int, default=DEFAULT_M, help="HNSW links per node")
+        parser.add_argument("--hnsw-ef-construction", type=positive_int, default=DEFAULT_EF_CONSTRUCTION,
+                            help="HNSW candidate list while building")
+
+    @classmethod
+    def params_from_args(cls, args: Any) -> Params:
+        return Params(m=args.hnsw_m, ef_construction=args.hnsw_ef_construction)
+
+    @classmethod
     def build(cls, shard: ShardBuild) -> dict[str, Any]:
         params = cls.params(shard)
         log.info("shard %d: HNSW graph (M=%d, efConstruction=%d)…", shard.number, params.m, params.ef_construction)

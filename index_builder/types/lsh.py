@@ -62,6 +62,16 @@ class LshType(IndexType):
     Params = Params
 
     @classmethod
+    def add_arguments(cls, parser: Any, positive_int: Any) -> None:
+        parser.add_argument("--lsh-bits", type=int, default=DEFAULT_BITS, choices=lsh.SUPPORTED_BITS)
+        parser.add_argument("--lsh-projection", choices=lsh.PROJECTIONS, default="itq",
+                            help="how LSH hyperplanes are made (itq: learned PCA-ITQ rotation)")
+
+    @classmethod
+    def params_from_args(cls, args: Any) -> Params:
+        return Params(bits=args.lsh_bits, projection=args.lsh_projection)
+
+    @classmethod
     def build(cls, shard: ShardBuild) -> dict[str, Any] | None:
         log.info("shard %d: LSH codes and multi-index tables…", shard.number)
         codes = lsh.encode(shard.vectors, shard.planes, shard.offsets)

@@ -42,6 +42,18 @@ def default_params(names: tuple[str, ...]) -> dict[str, Any]:
     return {n: get(n).Params() for n in names if get(n).Params is not type(None)}
 
 
+def add_arguments(parser: Any, positive_int: Any) -> None:
+    """Every type's own build options, for ``cbir index``."""
+    for t in TYPES.values():
+        t.add_arguments(parser, positive_int)
+
+
+def params_from_args(args: Any) -> dict[str, Any]:
+    """Every type's ``Params`` from parsed ``cbir index`` options (types without parameters left out)."""
+    found = {name: t.params_from_args(args) for name, t in TYPES.items()}
+    return {name: p for name, p in found.items() if p is not None}
+
+
 def shard_files(names: tuple[str, ...]) -> list[str]:
     """The files the named types write in every shard folder (what a reader requires)."""
     return [f for n in names for f in get(n).files]

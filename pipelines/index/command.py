@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from artefacts.manifests import IndexManifest
-from index_builder import augment, calibration, lsh
-from index_builder.types import hnsw
+from index_builder import augment, calibration
+from index_builder.types import registry
 from index_builder.types.registry import DEFAULT_TYPES as INDEX_TYPES
 from pipelines.index.config import IndexConfig
 from pipelines.index.job import run
@@ -23,24 +23,16 @@ def register(subparsers: Any) -> None:
     ix.add_argument("--output", required=True)
     ix.add_argument("--shards", type=positive_int, default=1)
     ix.add_argument("--dims", type=non_negative_int, default=256, help="PCA dimension (0 keeps the input dimension)")
-    ix.add_argument("--trees", type=positive_int, default=50)
-    ix.add_argument("--lsh-bits", type=int, default=256, choices=lsh.SUPPORTED_BITS)
     ix.add_argument("--seed", type=int, default=1234)
     ix.add_argument("--keep-versions", type=positive_int, default=3,
                     help="complete versions kept (LATEST's always is)")
-    ix.add_argument("--annoy-on-disk-mb", type=positive_int, default=None,
-                    help="build a shard's Annoy in its file (not RAM) above this estimated size")
     ix.add_argument("--stale-after-hours", type=float, default=24.0,
                     help="unpublished builds older than this are cleaned up")
     ix.add_argument("--index-types", default=",".join(INDEX_TYPES),
                     help=f"comma-separated subset of {','.join(INDEX_TYPES)} (default all)")
-    ix.add_argument("--hnsw-m", type=positive_int, default=hnsw.DEFAULT_M, help="HNSW links per node")
-    ix.add_argument("--hnsw-ef-construction", type=positive_int, default=hnsw.DEFAULT_EF_CONSTRUCTION,
-                    help="HNSW candidate list while building")
     ix.add_argument("--target-recall", type=fraction, default=calibration.DEFAULT_TARGET,
                     help="recall@10 each index type is calibrated to per shard (0: no calibration)")
-    ix.add_argument("--lsh-projection", choices=lsh.PROJECTIONS, default="itq",
-                    help="how LSH hyperplanes are made (itq: learned PCA-ITQ rotation)")
+    registry.add_arguments(ix, positive_int)  # each index type's own build options (--trees, --hnsw-m, …)
     ix.add_argument("--dba", type=non_negative_int, default=0, metavar="K",
                     help="database-side augmentation: store each vector as the similarity-weighted mean of itself "
                          "and its top K (a second build pass; queries stay as they are)")
@@ -65,15 +57,13 @@ def register(subparsers: Any) -> None:
 def main(args: Any, beam_args: list[str]) -> int:
     """Runs the job from parsed options; the CLI maps its errors (refused, gate failed) to exit codes."""
     cfg = IndexConfig(
-        features=args.features, output=args.output, shards=args.shards, dims=args.dims, trees=args.trees,
-        lsh_bits=args.lsh_bits, seed=args.seed, keep_versions=args.keep_versions,
+        features=args.features, output=args.output, shards=args.shards, dims=args.dims,
+        type_params=registry.params_from_args(args), seed=args.seed, keep_versions=args.keep_versions,
         stale_after_seconds=args.stale_after_hours * 3600,
         index_types=tuple(t.strip() for t in args.index_types.split(",") if t.strip()),
-        hnsw_m=args.hnsw_m, hnsw_ef_construction=args.hnsw_ef_construction, target_recall=args.target_recall,
-        lsh_projection=args.lsh_projection, signing_key_file=args.signing_key, dba=args.dba,
+        target_recall=args.target_recall, signing_key_file=args.signing_key, dba=args.dba,
         dba_alpha=args.dba_alpha, graph_k=args.graph_k, local_features=not args.no_local_features,
         gate=args.gate, gate_queries=args.gate_queries, gate_sample=args.gate_sample,
-        **({"annoy_on_disk_bytes": args.annoy_on_disk_mb << 20} if args.annoy_on_disk_mb else {}),
     )
     manifest = run(cfg, beam_args)
     print_summary(manifest)
@@ -90,9 +80,10 @@ def print_summary(m: IndexManifest) -> None:
     print(f"index: {m.version}: {m.items} items in {m.shards} shard(s) ({'+'.join(m.index_types)}), "
           f"{m.dimension.input}→{m.dimension.output} dims, {m.bytes / 1e6:.1f} MB, "
           f"{m.elapsed_seconds:.1f}s ({rate:.0f} items/s)")
-    for kind, key in (("hnsw", "ef_search"), ("annoy", "search_k"), ("lsh", "candidates")):
-        params = getattr(m, kind)
-        cal = params.calibration if params else None
+    for kind in m.index_types:
+        key = registry.get(kind).effort_key
+        params = getattr(m, kind, None) or m.extra.get(kind)
+        cal = (params.get("calibration") if isinstance(params, dict) else params.calibration) if params else None
         if cal:
             values = [p[key] for p in cal["per_shard"] if p]
             print(f"  {kind}: {key} {min(values)}–{max(values)} per shard for recall@{cal['k']} ≥ "

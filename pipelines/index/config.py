@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from evaluation import gate
 from index_builder import augment, calibration
 from index_builder.shard import ShardParams
-from index_builder.types import annoy, hnsw, registry
-from index_builder.types import lsh as lsh_type
+from index_builder.types import registry
 from index_builder.types.base import BuildSettings
 
-DEFAULT_ON_DISK_BYTES = annoy.DEFAULT_ON_DISK_BYTES
 INDEX_TYPES = registry.DEFAULT_TYPES
 
 
@@ -25,17 +24,13 @@ class IndexConfig:
     output: str
     shards: int = 1
     dims: int = 256  # PCA dimension; 0 keeps the input dimension
-    trees: int = 50
-    lsh_bits: int = 256  # 128-bit codes needed 8× the candidates for recall 0.95 at 1M (scan cost ~equal)
     seed: int = 1234
     keep_versions: int = 3  # complete versions kept after a publish (LATEST's always is)
-    annoy_on_disk_bytes: int = DEFAULT_ON_DISK_BYTES  # build a shard's Annoy in its file above this size
     stale_after_seconds: float = 24 * 3600  # a build unpublished this long is dead: its folders may go
     index_types: tuple[str, ...] = INDEX_TYPES
-    hnsw_m: int = hnsw.DEFAULT_M
-    hnsw_ef_construction: int = hnsw.DEFAULT_EF_CONSTRUCTION
+    # index type name -> its build parameters (index_builder.types); a type not named here builds with its defaults
+    type_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     target_recall: float = calibration.DEFAULT_TARGET  # 0: no calibration (library defaults)
-    lsh_projection: str = "itq"
     lsh_sample: int = 20_000  # vectors the LSH projection is fitted on
     signing_key_file: str | None = None  # sign the manifest (HMAC-SHA256) with this key
     dba: int = 0  # database-side augmentation with each item's top K (0: off)
@@ -66,12 +61,10 @@ class IndexConfig:
 
     def shard_params(self, local_features: bool = False) -> ShardParams:
         """What every shard worker builds with; ShardParams checks its own fields, so validate() calls this too."""
-        return ShardParams(index_types=tuple(self.index_types), type_params=self.type_params(),
+        return ShardParams(index_types=tuple(self.index_types), type_params=dict(self.type_params),
                            settings=BuildSettings(seed=self.seed, target_recall=self.target_recall),
                            local_features=local_features)
 
-    def type_params(self) -> dict[str, object]:
-        """Each index type's build parameters, from the job's options."""
-        return {"annoy": annoy.Params(trees=self.trees, on_disk_bytes=self.annoy_on_disk_bytes),
-                "hnsw": hnsw.Params(m=self.hnsw_m, ef_construction=self.hnsw_ef_construction),
-                "lsh": lsh_type.Params(bits=self.lsh_bits, projection=self.lsh_projection)}
+    def params_of(self, name: str) -> Any:
+        """An index type's build parameters: the ones given, else its defaults."""
+        return self.type_params.get(name) or registry.get(name).Params()

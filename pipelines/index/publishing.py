@@ -193,7 +193,7 @@ def _type_params(cfg: IndexConfig, infos: list[dict[str, Any]]) -> dict[str, Any
     A type with a field of its name in the manifest (``annoy``, ``lsh``, ``hnsw``) fills it; a
     newer one's record is kept under its name among the manifest's other keys (``extra``).
     """
-    records = registry.manifest_records(tuple(cfg.index_types), cfg.type_params(), cfg.seed, infos,
+    records = registry.manifest_records(tuple(cfg.index_types), cfg.type_params, cfg.seed, infos,
                                         cfg.target_recall)
     fields = {f.name for f in dataclasses.fields(IndexManifest)}
     known = {name: record for name, record in records.items() if name in fields}

@@ -86,7 +86,8 @@ def transform_as_data(cfg: IndexConfig, staging: str, dim_in: int, dim_out: int
         raise IndexBuildError(f"the transform as data differs from transform_fn by {diff:.2e} (more than "
                               f"{CHECK_TOLERANCE:g}) on {len(check)} rows: nothing was published")
     log.info("transform as data matches transform_fn on %d rows (max |diff| %.1e)", len(check), diff)
-    planes, offsets = lsh.fit_projection(transform(sample), cfg.lsh_bits, cfg.seed, cfg.lsh_projection)
+    lsh_params = cfg.params_of("lsh")  # the projection is fitted even without LSH codes: SHARD.json records its width
+    planes, offsets = lsh.fit_projection(transform(sample), lsh_params.bits, cfg.seed, lsh_params.projection)
     fsutil.write_npy(fsutil.join(staging, layout.LSH_PLANES), planes)
     fsutil.write_npy(fsutil.join(staging, layout.LSH_OFFSETS), offsets)
     return transform, planes, offsets

@@ -17,6 +17,8 @@ import pytest
 
 from artefacts import layout
 from index_builder.shard import ShardItems
+from index_builder.types import annoy as annoy_type
+from index_builder.types import lsh as lsh_type
 from pipelines import cli, extract, index, neighbors
 from plumbing import publish
 from transforms.decode import DecodeFn
@@ -84,8 +86,10 @@ def test_index_build_that_loses_items_is_refused(flowers_features, flowers_index
     shutil.copytree(flowers_index[0], out)  # a published index of these features, built once per session
     first = flowers_index[1]
     # the accounting does not depend on the index types, their calibration or how LSH planes are fitted: the cheapest
-    cfg = index.IndexConfig(features=str(flowers_features[0]), output=str(out), shards=2, dims=16, trees=5,
-                            index_types=("annoy",), target_recall=0, lsh_projection="gaussian")
+    cfg = index.IndexConfig(features=str(flowers_features[0]), output=str(out), shards=2, dims=16,
+                            type_params={"annoy": annoy_type.Params(trees=5),
+                                         "lsh": lsh_type.Params(projection="gaussian")},
+                            index_types=("annoy",), target_recall=0)
     before = _snapshot(out)
     real = ShardItems.from_batches.__func__
 

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from evaluation.metrics import label_precision_at_k
+from index_builder.types import annoy as annoy_type
 from models.autoencoders import feature_autoencoder as autoencoder
 from pipelines import autoencode, index
 from search.embedder import open_embedder
@@ -59,7 +60,8 @@ def test_autoencode_job_rewrites_features_that_index(tmp_path, flowers, flowers_
     order = {i: n for n, i in enumerate(ids_src.column("image_id").to_pylist())}
     direct = encode(x)[[order[i] for i in table.column("image_id").to_pylist()]]
     assert np.max(np.abs(features_io.feature_matrix(table) - direct)) < 1e-5
-    im = index.run(index.IndexConfig(features=str(out), output=str(tmp_path / "index"), dims=0, trees=5))
+    im = index.run(index.IndexConfig(features=str(out), output=str(tmp_path / "index"), dims=0,
+                                     type_params={"annoy": annoy_type.Params(trees=5)}))
     assert im.items == 720 and im.dimension.output == 16
     # the query path applies backbone → encoder → transform, and finds the photo itself
     with Searcher(str(tmp_path / "index")) as searcher:

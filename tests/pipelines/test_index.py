@@ -18,6 +18,7 @@ from artefacts.manifests import IndexManifest
 from index_builder import lsh
 from index_builder.shard import ShardItems, ShardParams, build_shard
 from index_builder.types import annoy as annoy_type
+from index_builder.types import lsh as lsh_type
 from index_builder.types.base import BuildSettings
 from pipelines import index
 from plumbing import publish as protocol
@@ -374,12 +375,17 @@ def test_cleanup_plan_spares_builds_that_may_still_run():
 
 
 def test_config_is_checked_before_any_work(tmp_path):
-    for bad in ({"dims": -1}, {"shards": 0}, {"lsh_bits": 96}, {"trees": 0}, {"keep_versions": 0}):
+    for bad in ({"dims": -1}, {"shards": 0}, {"index_types": ("annoy", "ivf")}, {"keep_versions": 0}):
         with pytest.raises(ValueError):
             index.run(index.IndexConfig(features=str(tmp_path), output=str(tmp_path / "o"), **bad))
     with pytest.raises(FileNotFoundError, match="not a finished extract output"):
         index.run(index.IndexConfig(features=str(tmp_path), output=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+    for bad in ({"bits": 96}, {"projection": "random"}):
+        with pytest.raises(ValueError, match="--lsh-"):
+            lsh_type.Params(**bad)
+    with pytest.raises(ValueError, match="--trees"):
+        annoy_type.Params(trees=0)
 
 
 def _staged_shard(staging, shard: int, attempt: str, planes, n: int = 30) -> str:
@@ -421,8 +427,9 @@ def test_interrupted_builds_leave_the_published_index_and_the_next_build_cleans_
     first = flowers_index[1]
     first_dir = out / first.version
     # publishing does not depend on the index types, their calibration or how LSH planes are fitted: the cheapest
-    cfg = dict(features=str(flowers_features[0]), output=str(out), shards=2, dims=32, trees=5, lsh_bits=64,
-               index_types=("annoy",), target_recall=0, lsh_projection="gaussian")
+    cfg = dict(features=str(flowers_features[0]), output=str(out), shards=2, dims=32,
+               type_params={"annoy": annoy_type.Params(trees=5), "lsh": lsh_type.Params(64, "gaussian")},
+               index_types=("annoy",), target_recall=0)
     before = _snapshot(first_dir)
     latest = (out / layout.POINTER).read_bytes()
 

@@ -20,6 +20,8 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from index_builder.types import annoy as annoy_type
+
 DROPPED_LABEL = "8"
 _BUILT: dict[str, Any] = {}
 
@@ -60,7 +62,8 @@ def two_versions(tmp_path_factory: Any, flowers_features: Any, flowers_index: An
         shutil.copytree(Path(source) / full.version, out / full.version)
         point_latest(out, full.version)
         subset = _features_without(DROPPED_LABEL, Path(flowers_features[0]), root / "features-subset")
-        part = index.run(index.IndexConfig(features=str(subset), output=str(out), shards=1, dims=24, trees=10,
+        part = index.run(index.IndexConfig(features=str(subset), output=str(out), shards=1, dims=24,
+                                           type_params={"annoy": annoy_type.Params(trees=10)},
                                            index_types=("annoy",), target_recall=0))
         _BUILT.update(index=out, full=full.version, subset=part.version)
     return dict(_BUILT)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from artefacts import layout, signing
+from index_builder.types import annoy as annoy_type
 from pipelines import index
 from plumbing.lease import LEASE_FILE, Lease, LeaseHeldError
 from search.index_files import verify_files
@@ -80,7 +81,8 @@ def test_signed_versions(flowers_features, tmp_path):
     key_file.write_bytes(os.urandom(32))
     other_file.write_bytes(os.urandom(32))
     out = tmp_path / "index"
-    m = index.run(index.IndexConfig(features=str(flowers_features[0]), output=str(out), dims=16, trees=5,
+    m = index.run(index.IndexConfig(features=str(flowers_features[0]), output=str(out), dims=16,
+                                    type_params={"annoy": annoy_type.Params(trees=5)},
                                     index_types=("annoy",), target_recall=0, signing_key_file=str(key_file)))
     key, other = signing.load_key(str(key_file)), signing.load_key(str(other_file))
     Searcher(str(out), signing_key=key).close()
@@ -107,7 +109,8 @@ def test_a_second_build_into_one_output_refuses_to_start(flowers_features, tmp_p
         with pytest.raises(LeaseHeldError, match="v-first"):
             Lease(str(out), "v-second", ttl_seconds=3600).acquire()
         with pytest.raises(LeaseHeldError, match="two builds into one index are not supported"):
-            index.run(index.IndexConfig(features=str(flowers_features[0]), output=str(out), dims=8, trees=2))
+            index.run(index.IndexConfig(features=str(flowers_features[0]), output=str(out), dims=8,
+                                        type_params={"annoy": annoy_type.Params(trees=2)}))
         assert sorted(p.name for p in out.iterdir()) == [LEASE_FILE]  # nothing else was written
     assert not (out / LEASE_FILE).exists()  # given back
     stale = {"version": "v-dead", "token": "x", "started": time.time() - 7200, "expires": time.time() - 10}

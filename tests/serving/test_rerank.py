@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from index_builder import augment
+from index_builder.topk import normalise_rows
 from search import rerank
-from search.topk import normalise_rows
 
 
 def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from artefacts import layout
+from index_builder.types import annoy as annoy_type
 from models.backbone.network import ModelSpec
 from search.compatibility import ModelMismatchError, TransformMismatchError
 from search.index_files import available_versions
@@ -24,9 +25,9 @@ def two_builds(tmp_path_factory, flowers_features):
 
     out = tmp_path_factory.mktemp("serving_index")
     one = index.run(index.IndexConfig(features=str(flowers_features[0]), output=str(out), shards=1, dims=32,
-                                      trees=10))
+                                      type_params={"annoy": annoy_type.Params(trees=10)}))
     three = index.run(index.IndexConfig(features=str(flowers_features[0]), output=str(out), shards=3, dims=32,
-                                        trees=10))
+                                        type_params={"annoy": annoy_type.Params(trees=10)}))
     return out, one, three
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from search import topk
+from index_builder import topk
 
 
 def test_float16_lookup_equals_numpy_conversion_for_every_bit_pattern():
