@@ -58,7 +58,8 @@ def _strings(values: Any) -> list[str] | None:
 
 
 def read_outputs(outputs: dict[str, Any], n: int) -> Prediction:
-    """A signature's named outputs for a batch of ``n`` as a ``Prediction``; a missing or misshapen output is an error."""
+    """A signature's named outputs for a batch of ``n`` as a ``Prediction``; a missing or misshapen output
+    is an error."""
     if FEATURES_OUTPUT not in outputs:
         raise ServingError(f"the served signature has no {FEATURES_OUTPUT!r} output (it has {sorted(outputs)})")
     features = np.asarray(outputs[FEATURES_OUTPUT], dtype=np.float32)
