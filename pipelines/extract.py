@@ -19,10 +19,8 @@ point), and parts of earlier runs are deleted (``plumbing.publish``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
-from collections import Counter
 from typing import Any
 
 import apache_beam as beam
@@ -40,7 +38,7 @@ from transforms.incremental import ReuseFeatures, reusable
 from transforms.inference import BatchingOptions, ExtractFeatures
 from transforms.local_features import LocalFeaturesFn, WriteLocalParquet
 from transforms.readers import InputSpec, ListedFile, ReadImages, write_listing
-from transforms.readers.accounting import TALLIES_DIR, count_inputs
+from transforms.readers.accounting import count_inputs, write_tallies
 from transforms.records import FAILURES_TAG
 
 log = logging.getLogger(__name__)
@@ -113,12 +111,7 @@ def build(
             | "WriteLocal" >> WriteLocalParquet(fsutil.join(staging, LOCAL_KIND, "part"))
         )
     if "tallies" in read:
-        (
-            read["tallies"]
-            | "TallyJson" >> beam.Map(lambda t: json.dumps(t, sort_keys=True))
-            | "WriteTallies" >> beam.io.WriteToText(fsutil.join(staging, TALLIES_DIR, "part"),
-                                                    file_name_suffix=".jsonl")
-        )
+        write_tallies(read["tallies"], staging)
 
 
 def _preflight_runtime(spec: ModelSpec) -> None:
@@ -197,7 +190,7 @@ def publish_run(
     inputs, accounting = count_inputs(spec, listed, staging)
     accounting.checked = {"inputs": inputs, "read (counter)": metrics.get("read"), "rows written": ok + failed}
     publish.check_counts("extract", accounting.checked)
-    reasons = _failure_reasons([src for src, _ in staged["failures"]])
+    reasons = features_io.failure_reasons([src for src, _ in staged["failures"]])
     local = None
     if cfg.local_features:
         read_failures = sum(n for reason, n in reasons.items() if reason.startswith("read:"))
@@ -252,15 +245,6 @@ def _check_local(parts: list[tuple[str, Any]], records: int, cfg: ExtractConfig)
             "rows": rows, "with_keypoints": with_keypoints, "keypoints": keypoints}
 
 
-def _failure_reasons(failure_parts: list[str]) -> dict[str, int]:
-    reasons: Counter[str] = Counter()
-    for src in failure_parts:
-        table = features_io.read_table(src, ["stage", "error"])
-        for stage, error in zip(table.column("stage").to_pylist(), table.column("error").to_pylist(), strict=True):
-            reasons[f"{stage}:{error}"] += 1
-    return dict(reasons.most_common())
-
-
 def _check_failure_fraction(manifest: FeaturesManifest, limit: float | None) -> None:
     counts = manifest.counts
     if limit is None or counts.read == 0:
@@ -272,7 +256,6 @@ def _check_failure_fraction(manifest: FeaturesManifest, limit: float | None) -> 
             f"more than --max-failure-fraction {limit:.1%}; outputs were written, see failures/",
             manifest,
         )
-
 
 
 # -- command line -------------------------------------------------------------------------------------

@@ -32,13 +32,10 @@ Then ``cbir extract --model savedmodel:<out>/encoder --signature pixels`` encode
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-from collections import Counter
 from typing import Any
 
 import apache_beam as beam
@@ -46,7 +43,6 @@ import apache_beam as beam
 from artefacts.manifests import (
     KIND_AUTOENCODER,
     KIND_DENOISING,
-    FileDigest,
     PixelAutoencoderManifest,
     PixelCounts,
     PixelShards,
@@ -56,10 +52,9 @@ from artefacts.manifests import (
     utc_now,
 )
 from models.autoencoders import pixel_autoencoder as pa
-from models.autoencoders.pictures import loss_curve_png, reconstruction_sheet_png
 from models.backbone.imaging import DEFAULT_MAX_PIXELS, RESIZE_METHOD
 from pipelines.runner import pipeline_options
-from plumbing import fsutil, job_metrics, publish
+from plumbing import folders, fsutil, job_metrics, publish
 from transforms import features_io
 from transforms.decode import DecodeFn
 from transforms.pixel_shards import (
@@ -70,17 +65,15 @@ from transforms.pixel_shards import (
     validation_shards,
 )
 from transforms.readers import InputSpec, ListedFile, ReadImages, write_listing
-from transforms.readers.accounting import TALLIES_DIR, count_inputs
+from transforms.readers.accounting import count_inputs, write_tallies
 from transforms.records import FAILURES_TAG
 
 log = logging.getLogger(__name__)
 
 PIXELS_DIR = "pixels"
 MODEL_FOLDERS = ("encoder", "autoencoder", pa.WEIGHTS_DIR)
-LOSS_PNG = "loss.png"
-SHEET_PNG = "reconstructions.png"
+LOSS_PNG, SHEET_PNG = pa.LOSS_PNG, pa.SHEET_PNG
 TENSORBOARD_DIR = "tensorboard"
-PREVIEW_IMAGES = 8
 
 
 @dataclasses.dataclass
@@ -93,6 +86,21 @@ class TrainAutoencoderConfig:
     decode_threads: int = 0  # 0: one per core (transforms.decode)
     allow_uri_prefixes: tuple[str, ...] = ()
     pixel_shards: int = 0  # 0: from the number of inputs (transforms.pixel_shards.default_shards)
+
+
+@dataclasses.dataclass
+class _Decoded:
+    """What the Beam pass left in staging, as the launcher counted it."""
+
+    counts: PixelCounts
+    accounting: Any
+    failures: list  # (staged path, PartFile) of the failure parts
+    train_files: list[str]
+    val_files: list[str]
+    metrics: dict[str, Any]
+    shards: int
+    held_out: list[int]
+    seconds: float
 
 
 def build(p: beam.Pipeline, cfg: TrainAutoencoderConfig, spec: InputSpec, listing: str, staging: str,
@@ -109,39 +117,7 @@ def build(p: beam.Pipeline, cfg: TrainAutoencoderConfig, spec: InputSpec, listin
         | "WriteFailures" >> features_io.WriteFailureParquet(fsutil.join(staging, "failures", "part"))
     )
     if "tallies" in read:
-        (
-            read["tallies"]
-            | "TallyJson" >> beam.Map(lambda t: json.dumps(t, sort_keys=True))
-            | "WriteTallies" >> beam.io.WriteToText(fsutil.join(staging, TALLIES_DIR, "part"),
-                                                    file_name_suffix=".jsonl")
-        )
-
-
-def _failure_reasons(parts: list[str]) -> dict[str, int]:
-    reasons: Counter[str] = Counter()
-    for src in parts:
-        table = features_io.read_table(src, ["stage", "error"])
-        for stage, error in zip(table.column("stage").to_pylist(), table.column("error").to_pylist(), strict=True):
-            reasons[f"{stage}:{error}"] += 1
-    return dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
-def _local_dir(staging: str) -> tuple[str, bool]:
-    """Where TensorFlow writes (SavedModels, TensorBoard): the staging folder itself when it is local,
-    else a temporary folder uploaded into staging afterwards."""
-    if "://" not in staging:
-        return staging, False
-    return tempfile.mkdtemp(prefix="cbir-train-autoencoder-"), True
-
-
-def _upload(local: str, staging: str, names: list[str]) -> None:
-    for name in names:
-        root = os.path.join(local, name)
-        paths = [os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs] if os.path.isdir(root) else [root]
-        for path in paths:
-            with open(path, "rb") as f:
-                fsutil.write_bytes_atomic(fsutil.join(staging, os.path.relpath(path, local).replace(os.sep, "/")),
-                                          f.read())
+        write_tallies(read["tallies"], staging)
 
 
 def run(cfg: TrainAutoencoderConfig, beam_args: list[str] | None = None) -> PixelAutoencoderManifest:
@@ -149,61 +125,28 @@ def run(cfg: TrainAutoencoderConfig, beam_args: list[str] | None = None) -> Pixe
     m = cfg.model
     spec = InputSpec.parse(cfg.input, cfg.allow_uri_prefixes)
     listed = spec.list()
-    shards = cfg.pixel_shards or default_shards(len(listed) * (100 if spec.is_shards else 1))
-    held_out = validation_shards(shards, m.validation_fraction)
     run_id = new_run_id()
     staging = publish.staging_dir(cfg.output, run_id)
     started = time.time()
-    local, remote = _local_dir(staging)
-    log.info("train-autoencoder: %d %s from %s -> %s, %d px, %s, %d epochs (run %s)", len(listed),
-             "shards" if spec.is_shards else "files", cfg.input, cfg.output, m.size,
-             f"code {m.code_dim}" if m.dense else "convolutional bottleneck", m.epochs, run_id)
+    local, remote = folders.local_workdir(staging, "cbir-train-autoencoder-")
     try:
-        listing = write_listing(staging, listed)
-        p = beam.Pipeline(options=pipeline_options(beam_args))
-        build(p, cfg, spec, listing, staging, shards)
-        result = p.run()
-        result.wait_until_finish()
-        decode_seconds = time.time() - started
-        counts, accounting, failures, train_files, val_files, metrics = _check(
-            spec, listed, staging, run_id, result, held_out)
+        decoded = _decode(cfg, spec, listed, run_id, staging, beam_args)
         t = time.time()
-        trained, scores, preview = _train(m, train_files, val_files, counts,
-                                          os.path.join(local, TENSORBOARD_DIR, run_id))
+        trained, scores, preview = pa.train_on_shards(m, decoded.train_files, decoded.val_files,
+                                                      decoded.counts.train, decoded.counts.validation,
+                                                      os.path.join(local, TENSORBOARD_DIR, run_id))
         train_seconds = time.time() - t
-        artefacts = _write_artefacts(trained, scores, preview, local)
+        outputs = pa.write_outputs(trained, scores, preview, local)
         if remote:
-            _upload(local, staging, [*MODEL_FOLDERS, LOSS_PNG, SHEET_PNG, TENSORBOARD_DIR])
-        manifest = PixelAutoencoderManifest(
-            run_id=run_id,
-            created_utc=utc_now(),
-            input=cfg.input,
-            model_kind=KIND_DENOISING if m.denoising else KIND_AUTOENCODER,
-            config=m.to_dict(),
-            fingerprint=pa.model_fingerprint(m, artefacts["digest"]),
-            decode={"size": m.size, "resize": RESIZE_METHOD, "reduced_decode": cfg.reduced_decode,
-                    "max_pixels": cfg.max_pixels, "decoder": "models.backbone.imaging (Pillow)"},
-            counts=counts,
-            accounting=accounting,
-            weights=WeightsInfo(pa.WEIGHTS_DIR, artefacts["digest"], artefacts["weights"]),
-            savedmodels={k: SavedModelInfo(**v) for k, v in artefacts["savedmodels"].items()},
-            history=trained.history,
-            validation=scores,
-            files={"failures": [part for _, part in failures]},
-            failures_by_reason=_failure_reasons([src for src, _ in failures]),
-            pixel_shards=PixelShards(shards, held_out, len(train_files) + len(val_files)),
-            pictures={"loss_curve": LOSS_PNG, "reconstructions": SHEET_PNG},
-            tensorboard=f"{TENSORBOARD_DIR}/{run_id}",
-            metrics=metrics,
-            options=_options(cfg),
-            timings={
-                "decode_seconds": round(decode_seconds, 3),
-                "train_seconds": round(train_seconds, 3),
-                "seconds_per_epoch": [round(s, 3) for s in trained.epoch_seconds],
-                "elapsed_seconds": round(time.time() - started, 3),
-            },
-        )
-        _publish(cfg.output, staging, run_id, manifest, failures)
+            folders.upload(local, staging, [*MODEL_FOLDERS, LOSS_PNG, SHEET_PNG, TENSORBOARD_DIR])
+        timings = {
+            "decode_seconds": round(decoded.seconds, 3),
+            "train_seconds": round(train_seconds, 3),
+            "seconds_per_epoch": [round(s, 3) for s in trained.epoch_seconds],
+            "elapsed_seconds": round(time.time() - started, 3),
+        }
+        manifest = _manifest(cfg, run_id, decoded, trained, scores, outputs, timings)
+        _publish(cfg.output, staging, run_id, manifest, decoded.failures)
     except BaseException:
         publish.discard_staging(staging)
         raise
@@ -211,6 +154,57 @@ def run(cfg: TrainAutoencoderConfig, beam_args: list[str] | None = None) -> Pixe
         if remote:
             shutil.rmtree(local, ignore_errors=True)
     return manifest
+
+
+def _decode(cfg: TrainAutoencoderConfig, spec: InputSpec, listed: list[ListedFile], run_id: str, staging: str,
+            beam_args: list[str] | None) -> _Decoded:
+    """Runs the Beam pass over the listed inputs into staging and checks what it wrote (``_check``)."""
+    m = cfg.model
+    started = time.time()
+    shards = cfg.pixel_shards or default_shards(len(listed) * (100 if spec.is_shards else 1))
+    held_out = validation_shards(shards, m.validation_fraction)
+    log.info("train-autoencoder: %d %s from %s -> %s, %d px, %s, %d epochs (run %s)", len(listed),
+             "shards" if spec.is_shards else "files", cfg.input, cfg.output, m.size,
+             f"code {m.code_dim}" if m.dense else "convolutional bottleneck", m.epochs, run_id)
+    listing = write_listing(staging, listed)
+    p = beam.Pipeline(options=pipeline_options(beam_args))
+    build(p, cfg, spec, listing, staging, shards)
+    result = p.run()
+    result.wait_until_finish()
+    seconds = time.time() - started
+    counts, accounting, failures, train_files, val_files, metrics = _check(
+        spec, listed, staging, run_id, result, held_out)
+    return _Decoded(counts, accounting, failures, train_files, val_files, metrics, shards, held_out, seconds)
+
+
+def _manifest(cfg: TrainAutoencoderConfig, run_id: str, decoded: _Decoded, trained: pa.Trained,
+              scores: dict[str, float], outputs: dict[str, Any], timings: dict[str, Any]) -> PixelAutoencoderManifest:
+    m = cfg.model
+    return PixelAutoencoderManifest(
+        run_id=run_id,
+        created_utc=utc_now(),
+        input=cfg.input,
+        model_kind=KIND_DENOISING if m.denoising else KIND_AUTOENCODER,
+        config=m.to_dict(),
+        fingerprint=pa.model_fingerprint(m, outputs["digest"]),
+        decode={"size": m.size, "resize": RESIZE_METHOD, "reduced_decode": cfg.reduced_decode,
+                "max_pixels": cfg.max_pixels, "decoder": "models.backbone.imaging (Pillow)"},
+        counts=decoded.counts,
+        accounting=decoded.accounting,
+        weights=WeightsInfo(pa.WEIGHTS_DIR, outputs["digest"], outputs["weights"]),
+        savedmodels={k: SavedModelInfo(**v) for k, v in outputs["savedmodels"].items()},
+        history=trained.history,
+        validation=scores,
+        files={"failures": [part for _, part in decoded.failures]},
+        failures_by_reason=features_io.failure_reasons([src for src, _ in decoded.failures]),
+        pixel_shards=PixelShards(decoded.shards, decoded.held_out,
+                                 len(decoded.train_files) + len(decoded.val_files)),
+        pictures={"loss_curve": LOSS_PNG, "reconstructions": SHEET_PNG},
+        tensorboard=f"{TENSORBOARD_DIR}/{run_id}",
+        metrics=decoded.metrics,
+        options=_options(cfg),
+        timings=timings,
+    )
 
 
 def _options(cfg: TrainAutoencoderConfig) -> dict[str, Any]:
@@ -252,63 +246,6 @@ def _check(spec: InputSpec, listed: list[ListedFile], staging: str, run_id: str,
     return counts, accounting, staged, train_files, val_files, metrics
 
 
-def _train(m: pa.PixelAutoencoderConfig, train_files: list[str], val_files: list[str], counts: PixelCounts,
-           log_dir: str):
-    train, validation = pa.datasets(m, pa.pixel_dataset(train_files, m.size, counts.train),
-                                    pa.pixel_dataset(val_files, m.size, counts.validation))
-    preview = pa.preview_batch(validation, PREVIEW_IMAGES)
-    trained = pa.fit(m, train, validation, log_dir=log_dir, preview=preview)
-    scores = pa.held_out_scores(trained.networks.autoencoder, validation, m.denoising)
-    if m.denoising:
-        log.info("held-out PSNR %.2f dB denoised, %.2f dB noisy input; SSIM %.3f vs %.3f", scores["psnr"],
-                 scores["psnr_input"], scores["ssim"], scores["ssim_input"])
-    else:
-        log.info("held-out reconstruction PSNR %.2f dB, SSIM %.3f", scores["psnr"], scores["ssim"])
-    return trained, scores, preview
-
-
-def _write_artefacts(trained: pa.Trained, scores: dict[str, float], preview: tuple, local: str) -> dict[str, Any]:
-    m = trained.config
-    nets = trained.networks
-    weights = pa.save_weights_data(nets.autoencoder, m, os.path.join(local, pa.WEIGHTS_DIR))
-    digest = pa.weights_digest(weights)
-    savedmodels = pa.export_savedmodels(nets, m, local, digest)
-    what = (f"denoising autoencoder ({', '.join(str(n) for n in m.noise)})" if m.denoising else "autoencoder")
-    shape = f"{m.size} px, " + (f"{m.code_dim}-d code" if m.dense else f"{m.grid}x{m.grid}x{m.filters[-1]} map")
-    with open(os.path.join(local, LOSS_PNG), "wb") as f:
-        f.write(loss_curve_png(trained.history, f"{what}, {shape}", scores.get("mse_input")))
-    noisy, clean = preview
-    recon = nets.autoencoder(noisy, training=False).numpy()
-    rows = [("held-out input", clean)] + ([("noisy input", noisy / 255.0)] if m.denoising else [])
-    rows.append(("reconstruction", recon))
-    title = f"{what}, {shape}: held-out PSNR {scores['psnr']:.1f} dB" + (
-        f" (noisy input {scores['psnr_input']:.1f} dB)" if m.denoising else "")
-    with open(os.path.join(local, SHEET_PNG), "wb") as f:
-        f.write(reconstruction_sheet_png(rows, title))
-    return {"weights": {k: FileDigest(v, os.path.getsize(os.path.join(local, pa.WEIGHTS_DIR, k)))
-                        for k, v in weights.items()},
-            "digest": digest, "savedmodels": savedmodels}
-
-
-def _swap_folder(output: str, staging: str, name: str) -> None:
-    """Moves ``staging/name`` to ``output/name``, the previous folder first set aside inside staging.
-
-    Locally each move is one directory rename (a reader sees the old folder or the new one,
-    never a mix); on object stores, which have no folders, it is file by file.
-    """
-    final, staged = fsutil.join(output, name), fsutil.join(staging, name)
-    aside = fsutil.join(staging, "_previous", name)
-    if "://" not in output:
-        if fsutil.exists(final):
-            fsutil.move([final], [aside])
-        fsutil.move([staged], [final])
-        return
-    old = fsutil.match(fsutil.join(final, "**"))
-    fsutil.move(old, [aside + p[len(final):] for p in old])
-    new = fsutil.match(fsutil.join(staged, "**"))
-    fsutil.move(new, [final + p[len(staged):] for p in new])
-
-
 def _publish(output: str, staging: str, run_id: str, manifest: PixelAutoencoderManifest, failures: list) -> None:
     """Model folders swapped in, pictures and TensorBoard logs moved in, the manifest written last, then the
     files of earlier runs deleted (failure parts, TensorBoard runs)."""
@@ -317,7 +254,7 @@ def _publish(output: str, staging: str, run_id: str, manifest: PixelAutoencoderM
     stale += [p[len(output.rstrip("/")) + 1:] for p in fsutil.match(fsutil.join(output, TENSORBOARD_DIR, "*", "**"))
               if not p[len(output.rstrip("/")) + 1:].startswith(f"{TENSORBOARD_DIR}/{run_id}/")]
     for name in MODEL_FOLDERS:
-        _swap_folder(output, staging, name)
+        folders.swap_folder(output, staging, name)
     board = fsutil.match(fsutil.join(staging, TENSORBOARD_DIR, run_id, "**"))
     moves = [(src, fsutil.join(output, src[len(staging.rstrip("/")) + 1:])) for src in board]
     moves += [(fsutil.join(staging, name), fsutil.join(output, name)) for name in (LOSS_PNG, SHEET_PNG)]

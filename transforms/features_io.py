@@ -6,6 +6,7 @@ Rows are batched into Arrow record batches before they reach the sink, so a
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 
 import apache_beam as beam
@@ -118,3 +119,14 @@ def feature_matrix(table: pa.Table) -> np.ndarray:
 def iter_tables(paths: Iterable[str], columns: list[str] | None = None) -> Iterator[pa.Table]:
     for path in paths:
         yield read_table(path, columns)
+
+
+def failure_reasons(failure_parts: Iterable[str]) -> dict[str, int]:
+    """``{"stage:ErrorClass": rows}`` over failure Parquet files, most frequent first and ties by name, so
+    the same failures give the same manifest whatever order the runner wrote its parts in."""
+    reasons: Counter[str] = Counter()
+    for src in failure_parts:
+        table = read_table(src, ["stage", "error"])
+        for stage, error in zip(table.column("stage").to_pylist(), table.column("error").to_pylist(), strict=True):
+            reasons[f"{stage}:{error}"] += 1
+    return dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -7,6 +7,7 @@ import pytest
 
 from models.autoencoders import pixel_autoencoder as pa
 from models.autoencoders.denoiser import Denoiser, decode_rgb
+from models.autoencoders.pixel_autoencoder.training import _tensorboard
 from models.autoencoders.pixel_noise import Noise, add_noise, parse_noise
 from models.backbone.imaging import decode_and_resize
 
@@ -112,7 +113,7 @@ def test_tensorboard_logs_hold_loss_scalars_and_images(trained, photos, tmp_path
 
     result, validation = trained
     preview = pa.preview_batch(validation, 3)
-    callback = pa._tensorboard(str(tmp_path), preview, denoising=True)
+    callback = _tensorboard(str(tmp_path), preview, denoising=True)
     callback.set_model(result.networks.autoencoder)
     for epoch in range(2):
         callback.on_epoch_end(epoch, {"loss": 0.5 - epoch * 0.1, "val_loss": 0.4})

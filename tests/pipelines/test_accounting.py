@@ -23,6 +23,7 @@ from pipelines import cli, extract, index, neighbors
 from plumbing import publish
 from transforms.decode import DecodeFn
 from transforms.readers import InputSpec, ListedFile
+from transforms.readers.accounting import TALLIES_DIR
 
 
 def _snapshot(root) -> dict[str, bytes]:
@@ -70,8 +71,8 @@ def test_extract_that_loses_images_is_refused_and_the_previous_output_stays(tmp_
 
 def test_a_shard_without_its_tally_refuses_the_run(tmp_path):
     staging = tmp_path / "staging"
-    (staging / extract.TALLIES_DIR).mkdir(parents=True)
-    (staging / extract.TALLIES_DIR / "part-00000-of-00001.jsonl").write_text(
+    (staging / TALLIES_DIR).mkdir(parents=True)
+    (staging / TALLIES_DIR / "part-00000-of-00001.jsonl").write_text(
         json.dumps({"unit": "/d/a.tfrecord", "entries": 5}) + "\n")
     spec = InputSpec("tfrecord", "/d/*", "/d")
     listed = [ListedFile("/d/a.tfrecord", 10), ListedFile("/d/b.tfrecord", 10)]

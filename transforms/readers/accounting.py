@@ -10,11 +10,23 @@ from __future__ import annotations
 
 import json
 
+import apache_beam as beam
+
 from artefacts.manifests import Accounting
 from plumbing import fsutil, publish
 from transforms.readers.spec import InputSpec, ListedFile
 
 TALLIES_DIR = "_tallies"
+
+
+def write_tallies(tallies: beam.PCollection, staging: str) -> None:
+    """The shard readers' tallies as JSON lines under ``<staging>/_tallies/``, where :func:`count_inputs`
+    reads them back (the step labels are the jobs' own, so their graphs keep their step names)."""
+    (
+        tallies
+        | "TallyJson" >> beam.Map(lambda t: json.dumps(t, sort_keys=True))
+        | "WriteTallies" >> beam.io.WriteToText(fsutil.join(staging, TALLIES_DIR, "part"), file_name_suffix=".jsonl")
+    )
 
 
 def count_inputs(spec: InputSpec, listed: list[ListedFile], staging: str, job: str = "extract"
