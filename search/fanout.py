@@ -17,19 +17,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from index_builder import topk
-from search.methods import Method
+from index_builder.types.base import IndexType
 from search.options import SearchOptions
 
 if TYPE_CHECKING:
     from search.shards import Shard
 
-Plan = tuple[list[Method], list[int], list["Shard"]]
+Plan = tuple[list[IndexType], list["Shard"]]
 
 
 class ShardFanout:
     """The global top-k candidates of a batch, from every shard of one opened version."""
 
-    def __init__(self, shards: list[Shard], methods: dict[str, Method], offsets: np.ndarray, id_rank: np.ndarray,
+    def __init__(self, shards: list[Shard], methods: dict[str, IndexType], offsets: np.ndarray, id_rank: np.ndarray,
                  threads: int):
         self._shards = shards
         self._methods = methods
@@ -40,22 +40,18 @@ class ShardFanout:
         self._plans: dict[SearchOptions, Plan] = {}
 
     def plan(self, opts: SearchOptions) -> Plan:
-        """(methods, candidates per method, non-empty shards) of an options record, worked out once per record."""
+        """(index types, non-empty shards) of an options record, worked out once per record."""
         plan = self._plans.get(opts)
         if plan is None:
-            methods = [self._methods[n] for n in opts.methods()]
-            union = len(methods) > 1
-            counts = [opts.candidates or m.default_candidates(opts, union) for m in methods]
             if len(self._plans) >= 512:  # a service sending many distinct options: stay bounded
                 self._plans.clear()
-            plan = self._plans[opts] = (methods, counts, [s for s in self._shards if s.size])
+            plan = self._plans[opts] = ([self._methods[n] for n in opts.methods()], [s for s in self._shards if s.size])
         return plan
 
     def search(self, q: np.ndarray, opts: SearchOptions, excl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(global ids (b, k), scores) of normalised queries ``q``; ``excl`` one global id per query (-1: none)."""
-        methods, counts, shards = self.plan(opts)
-        if np.any(excl >= 0):  # the excluded item may take one of the places
-            counts = [c + 1 for c in counts]
+        methods, shards = self.plan(opts)
+        extra = int(np.any(excl >= 0))  # the excluded item may take one of the places
         if not shards:
             return np.full((len(q), opts.k), -1, np.int64), np.full((len(q), opts.k), -np.inf, np.float32)
         parallel = all(m.parallel for m in methods)
@@ -68,7 +64,7 @@ class ShardFanout:
 
         def run(task):
             s, lo, hi = task
-            return self._search_shard(s, q[lo:hi], methods, counts, opts)
+            return self._search_shard(s, q[lo:hi], methods, extra, opts)
 
         serial = len(tasks) == 1 or not parallel
         results = [run(t) for t in tasks] if serial else list(self._pool.map(run, tasks))
@@ -97,15 +93,21 @@ class ShardFanout:
         return topk.merge(all_ids, all_scores, k, excl, self._id_rank)
 
     @staticmethod
-    def _search_shard(shard: Shard, q: np.ndarray, methods: list[Method], counts: list[int],
+    def _search_shard(shard: Shard, q: np.ndarray, methods: list[IndexType], extra: int,
                       opts: SearchOptions) -> tuple[np.ndarray, np.ndarray]:
         """(local ids (b, ≤n'), scores) of one shard for a query chunk; -1 / -inf pads.
 
-        One method's own cosines are kept unless exact re-scoring was asked for; a union, or a
-        method whose order is not by cosine, is re-scored from the stored vectors.
+        Each type is asked for its candidates with the effort the options give it (0: the shard's
+        calibrated one). One type's own cosines are kept unless exact re-scoring was asked for; a
+        union, or a type whose order is not by cosine, is re-scored from the stored vectors.
         """
-        found = [m.search(shard.handles[m.name], shard, q, min(n, shard.size), opts)
-                 for m, n in zip(methods, counts, strict=True)]
+        reranked = opts.rerank.exact or len(methods) > 1
+        found = []
+        for m in methods:
+            handle, effort = shard.handles[m.name], opts.effort.of(m.effort_option)
+            requested = opts.candidates or (effort if m.effort_is_candidates else 0)
+            n = m.candidates(handle, opts.k, requested, reranked) + extra
+            found.append(m.search(handle, q, min(n, shard.size), effort))
         if len(found) == 1:
             ids, scores = found[0]
             if scores is not None and (methods[0].name == "exact" or not opts.rerank.exact):

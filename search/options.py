@@ -36,6 +36,11 @@ class Effort:
     lsh_candidates: int = 0  # LSH candidates per shard, re-scored exactly
     lsh_radius: int = LSH_RADIUS
 
+    def of(self, option: str) -> int:
+        """The effort an index type reads per call (its ``effort_option``); 0 asks for the calibrated one."""
+        value = int(getattr(self, option, 0)) if option else 0
+        return 0 if value == -1 else value
+
 
 @dataclasses.dataclass(frozen=True)
 class Rerank:

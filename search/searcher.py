@@ -31,10 +31,11 @@ from artefacts import layout
 from artefacts.manifests import IndexManifest
 from artefacts.vector_space import space_fingerprint, transform_fingerprint
 from index_builder import topk
+from index_builder.types import registry
+from index_builder.types.base import IndexType
 from models.backbone.local_features import LocalFeatures
 from search import compatibility, index_files, query_path
 from search.fanout import ShardFanout
-from search.methods import METHODS, Method
 from search.options import SearchOptions
 from search.query_path import Ranking
 from search.rerankers import Rerankers
@@ -84,8 +85,9 @@ class Searcher:
         compatibility.check_expected(self.manifest, self.version_dir, expected_fingerprint, expected_model)
         index_files.verify_files(self.version_dir, self.manifest, full=verify)
         self.dim = self.manifest.dimension.output
-        names = ["exact", *[t for t in self.manifest.index_types if t in METHODS and t != "exact"]]
-        self.methods: dict[str, Method] = {n: METHODS[n](self.version_dir, self.manifest) for n in names}
+        built = [t for t in self.manifest.index_types if t in registry.SELECTABLE]
+        self.methods: dict[str, IndexType] = {n: registry.get(n)(self.version_dir, self.manifest)
+                                              for n in ["exact", *built]}
         dense = DenseVectors(cache_mb)
         self.shards = [open_shard(self.version_dir, number, self.dim, self.methods, dense)
                        for number in range(self.manifest.shards)]

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from artefacts import layout
 from index_builder import topk
-from search.methods import Method
+from index_builder.types.base import IndexType
 
 
 @dataclasses.dataclass
@@ -56,7 +56,8 @@ class DenseVectors:
         return self._dense.get(shard.number, shard.vectors)
 
 
-def open_shard(version_dir: str, number: int, dim: int, methods: dict[str, Method], dense: DenseVectors) -> Shard:
+def open_shard(version_dir: str, number: int, dim: int, methods: dict[str, IndexType], dense: DenseVectors
+               ) -> Shard:
     """Shard ``number`` with its id map checked against its vectors and each method's structure opened."""
     d = os.path.join(version_dir, layout.shard_dir(number))
     idmap = pq.read_table(os.path.join(d, layout.IDMAP_FILE))
@@ -75,7 +76,8 @@ def open_shard(version_dir: str, number: int, dim: int, methods: dict[str, Metho
         uris=idmap.column("uri").to_pylist(),
         labels=idmap.column("label").to_pylist(),
         sha256=idmap.column("sha256").to_pylist(),
-        handles={name: m.open_shard(d, n, number) for name, m in methods.items()},
+        handles={},
     )
     shard.dense = lambda s=shard: dense.of(s)
+    shard.handles = {name: m.open_shard(d, n, number, shard.dense) for name, m in methods.items()}
     return shard

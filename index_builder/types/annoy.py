@@ -97,6 +97,7 @@ class AnnoyType(IndexType):
     name = "annoy"
     files = (layout.ANNOY_FILE,)
     effort_key = "search_k"
+    effort_option = "annoy_search_k"
     Params = Params
 
     @classmethod

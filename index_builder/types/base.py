@@ -94,6 +94,8 @@ class IndexType:
     name: ClassVar[str] = ""
     files: ClassVar[tuple[str, ...]] = ()  # the files it writes in each shard folder
     effort_key: ClassVar[str] = ""  # its effort's name in SHARD.json and the manifest's calibration
+    effort_option: ClassVar[str] = ""  # the field of the searcher's Effort options that sets it per call
+    effort_is_candidates: ClassVar[bool] = False  # its effort is the candidate count itself (LSH)
     selectable: ClassVar[bool] = True  # chosen with --index-types (exact is always there, votes with local features)
     exact_scores: ClassVar[bool] = True  # its scores are the cosines of the stored vectors
     parallel: ClassVar[bool] = True  # searches per query with the GIL released: worth a thread per chunk

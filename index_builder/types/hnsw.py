@@ -140,6 +140,7 @@ class HnswType(IndexType):
     name = "hnsw"
     files = (HNSW_FILE,)
     effort_key = "ef_search"
+    effort_option = "hnsw_ef_search"
     parallel = False  # faiss spreads a batch over its OpenMP threads itself
     Params = Params
 

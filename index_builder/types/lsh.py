@@ -58,6 +58,8 @@ class LshType(IndexType):
     name = "lsh"
     files = (layout.CODES_FILE, layout.MIH_OFFSETS_FILE, layout.MIH_IDS_FILE)
     effort_key = "candidates"
+    effort_option = "lsh_candidates"
+    effort_is_candidates = True
     exact_scores = False  # Hamming distances are too coarse to rank by
     Params = Params
 
