@@ -12,10 +12,11 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from index_builder.types import registry
 from models.backbone.presets import PRESETS
 from search.options import LSH_RADIUS, SearchOptions
 
-SEARCH_METHODS = ("auto", "hnsw", "annoy", "lsh", "both", "exact")
+SEARCH_METHODS = ("auto", *registry.SELECTABLE, "both", "exact")  # both: annoy+lsh
 
 
 def _number(text: str, cast: Callable[[str], Any], what: str) -> Any:

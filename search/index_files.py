@@ -22,8 +22,8 @@ from artefacts import layout, signing
 from artefacts.manifests import IndexManifest, ManifestError
 from artefacts.transform import VectorTransform
 from index_builder import local_store
+from index_builder.types import registry
 from index_builder.types import votes as votes_type
-from index_builder.types.hnsw import HNSW_FILE
 from plumbing import fsutil
 
 log = logging.getLogger(__name__)
@@ -123,13 +123,9 @@ def required_files(manifest: IndexManifest) -> list[str]:
     if manifest.model.get("encoder"):
         need.append(f"{layout.ENCODER_DIR}/layers.json")
     per_shard = [layout.VECTORS_FILE, layout.IDMAP_FILE, layout.SHARD_INFO]
-    if "annoy" in manifest.index_types:
-        per_shard.append(layout.ANNOY_FILE)
-    if "lsh" in manifest.index_types:
-        need += [layout.LSH_PLANES, layout.LSH_OFFSETS]
-        per_shard += [layout.CODES_FILE, layout.MIH_OFFSETS_FILE, layout.MIH_IDS_FILE]
-    if "hnsw" in manifest.index_types:
-        per_shard.append(HNSW_FILE)
+    built = [registry.get(name) for name in manifest.index_types if name in registry.SELECTABLE]
+    per_shard += [f for t in built for f in t.files]
+    need += [f for t in built for f in t.version_files]
     if manifest.local_features:
         per_shard += list(local_store.FILES)
         if manifest.local_features.get("vote_index"):  # indexes built before the vote index have none

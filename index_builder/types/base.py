@@ -93,6 +93,7 @@ class IndexType:
 
     name: ClassVar[str] = ""
     files: ClassVar[tuple[str, ...]] = ()  # the files it writes in each shard folder
+    version_files: ClassVar[tuple[str, ...]] = ()  # files it needs beside the shards, in the version folder
     effort_key: ClassVar[str] = ""  # its effort's name in SHARD.json and the manifest's calibration
     effort_option: ClassVar[str] = ""  # the field of the searcher's Effort options that sets it per call
     effort_is_candidates: ClassVar[bool] = False  # its effort is the candidate count itself (LSH)

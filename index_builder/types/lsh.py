@@ -57,6 +57,7 @@ def _rescored_top(scan: lsh.HammingScan, vectors16: np.ndarray, planes: np.ndarr
 class LshType(IndexType):
     name = "lsh"
     files = (layout.CODES_FILE, layout.MIH_OFFSETS_FILE, layout.MIH_IDS_FILE)
+    version_files = (layout.LSH_PLANES, layout.LSH_OFFSETS)  # the projection learned in the fit
     effort_key = "candidates"
     effort_option = "lsh_candidates"
     effort_is_candidates = True
