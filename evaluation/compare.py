@@ -113,22 +113,13 @@ def compare(old: Searcher, new: Searcher, cfg: CompareConfig | None = None) -> d
     k = min(cfg.search.k, min(old.size, new.size) - 1)
     if k < 1:
         raise ValueError("each version needs at least 2 items to compare neighbours")
-    rng = np.random.default_rng(cfg.seed)
-    picked = np.arange(len(common)) if cfg.sample <= 0 or cfg.sample >= len(common) else np.sort(
-        rng.choice(len(common), size=cfg.sample, replace=False))
-    queries = [common[i] for i in picked]
+    queries = _sample(common, cfg.sample, cfg.seed)
     q_old = np.asarray([old_pos[n] for n in queries], np.int64)
     q_new = np.asarray([new_pos[n] for n in queries], np.int64)
     served = cfg.search.replace(k=k, verify=0)  # neighbour lists as candidates and re-rankers give them, unverified
     exact = served.replace(method="exact", rerank=False)
-
-    def lists(s: Searcher, q: np.ndarray, opts: SearchOptions) -> np.ndarray:
-        vectors = normalise_rows(s.vectors_of(q))
-        ids, _ = s.search_arrays(vectors, opts, exclude=q)
-        return ids
-
-    old_served, new_served = lists(old, q_old, served), lists(new, q_new, served)
-    old_exact, new_exact = lists(old, q_old, exact), lists(new, q_new, exact)
+    old_served, new_served = _lists(old, q_old, served), _lists(new, q_new, served)
+    old_exact, new_exact = _lists(old, q_old, exact), _lists(new, q_new, exact)
     names = {key: _names(s, ids) for key, s, ids in (("old_served", old, old_served), ("new_served", new, new_served),
                                                      ("old_exact", old, old_exact), ("new_exact", new, new_exact))}
     overlap = _overlap(names["old_served"], names["new_served"], k)
@@ -162,6 +153,20 @@ def compare(old: Searcher, new: Searcher, cfg: CompareConfig | None = None) -> d
                             "new": _label_figures(new, q_new, new_served, k)}
     report["elapsed_seconds"] = round(time.perf_counter() - started, 3)
     return report
+
+
+def _sample(common: list[str], sample: int, seed: int) -> list[str]:
+    """The query items: all common items, or ``sample`` of them drawn with ``seed`` (kept in id order)."""
+    if sample <= 0 or sample >= len(common):
+        return list(common)
+    picked = np.sort(np.random.default_rng(seed).choice(len(common), size=sample, replace=False))
+    return [common[i] for i in picked]
+
+
+def _lists(s: Searcher, q: np.ndarray, opts: SearchOptions) -> np.ndarray:
+    """The neighbour ids of the items ``q`` in ``s``, each item left out of its own list."""
+    ids, _ = s.search_arrays(normalise_rows(s.vectors_of(q)), opts, exclude=q)
+    return ids
 
 
 def _describe(s: Searcher) -> dict[str, Any]:

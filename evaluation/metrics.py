@@ -170,17 +170,23 @@ def label_metrics(
         for k in ks:
             precisions[k].append(precision_at(rel, k))
         curves.append(interpolated_pr(rel, r, levels))
+    return _label_summary(aps, precisions, curves, int((~keep).sum()), int(len(counts)), levels)
+
+
+def _label_summary(aps: list[np.ndarray], precisions: dict[int, list[np.ndarray]], curves: list[np.ndarray],
+                   skipped_unlabelled: int, classes: int, levels: np.ndarray) -> dict[str, Any]:
+    """Per-block figures of :func:`label_metrics` → its report: means over the queries with a relevant item."""
     ap = np.concatenate(aps) if aps else np.zeros(0)
     valid = ~np.isnan(ap)
     out: dict[str, Any] = {
         "queries": int(valid.sum()),
-        "skipped_unlabelled": int((~keep).sum()),
+        "skipped_unlabelled": skipped_unlabelled,
         "skipped_no_relevant": int((~valid).sum()),
-        "classes": int(len(counts)),
+        "classes": classes,
         "map": float(ap[valid].mean()) if valid.any() else float("nan"),
     }
-    for k in ks:
-        p = np.concatenate(precisions[k]) if precisions[k] else np.zeros(0)
+    for k, blocks in precisions.items():
+        p = np.concatenate(blocks) if blocks else np.zeros(0)
         out[f"p@{k}"] = float(p[valid].mean()) if valid.any() else float("nan")
     curve = np.concatenate(curves) if curves else np.zeros((0, len(levels)))
     out["pr_curve"] = {

@@ -15,6 +15,7 @@ items left out), exactly as ``cbir query --like/--unlike`` and the service answe
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,73 @@ def _scored(vectors: np.ndarray, qv: np.ndarray, ranked: np.ndarray) -> np.ndarr
     return np.einsum("bd,bnd->bn", qv.astype(np.float32), vectors[ranked])
 
 
+class _Bench:
+    """What :func:`configurations` measures with: one searcher, the queries (global ids, each left out of its
+    own ranking), their query vectors, the stored vectors, and the plain exact options every row starts from."""
+
+    def __init__(self, searcher: Searcher, queries: np.ndarray, qv: np.ndarray, vectors: np.ndarray,
+                 exact: SearchOptions):
+        self.searcher, self.queries, self.qv, self.vectors, self.exact = searcher, queries, qv, vectors, exact
+        self.rows: list[dict[str, Any]] = []
+
+    def expanded(self, alpha: float, n: int) -> np.ndarray:
+        """The query vectors after query expansion with the top ``n`` (weighted by similarity**alpha)."""
+        top, top_scores = self.searcher.search_arrays(self.qv, self.exact, exclude=self.queries, k=n)
+        return self.searcher.expand(self.qv, top, n, top_scores, alpha)
+
+    def _head(self, qids: np.ndarray, ranked: np.ndarray, n: int, query_vectors: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """(the rankings' first ``n`` ids, their scores against the query vectors of ``qids``)."""
+        qrows = np.searchsorted(self.queries, qids)
+        q = self.qv[qrows] if query_vectors is None else query_vectors[qrows]
+        head = ranked[:, :n]
+        return head, _scored(self.vectors, q, head)
+
+    def diffusion_head(self, candidates: int, query_vectors: np.ndarray | None) -> Callable:
+        def reorder(qids: np.ndarray, ranked: np.ndarray) -> np.ndarray:
+            n = min(candidates, ranked.shape[1])
+            head, scores = self._head(qids, ranked, n, query_vectors)
+            ids, _ = self.searcher.diffuse_lists(head, scores, n)
+            out = ranked.copy()
+            out[:, :n] = ids
+            return out
+        return reorder
+
+    def verify_head(self, candidates: int) -> Callable:
+        def reorder(qids: np.ndarray, ranked: np.ndarray) -> np.ndarray:
+            n = min(candidates, ranked.shape[1])
+            head, scores = self._head(qids, ranked, n)
+            ids, _, _ = self.searcher.verify_arrays([self.searcher.local_features_of(int(g)) for g in qids], head,
+                                                    scores, n)
+            out = ranked.copy()
+            out[:, :n] = ids
+            return out
+        return reorder
+
+    def verify_run(self, n: int) -> Callable[[], None]:
+        """What verifying ``n`` candidates per query costs: the exact search, then the verification."""
+        def run() -> None:
+            ids, scores = self.searcher.search_arrays(self.qv, self.exact.replace(k=n), exclude=self.queries)
+            self.searcher.verify_arrays([self.searcher.local_features_of(int(g)) for g in self.queries], ids,
+                                        scores, n)
+        return run
+
+    def timed(self, opts: SearchOptions, run: Callable[[], None] | None = None) -> float:
+        """Queries per second of searching with ``opts`` (or of ``run``)."""
+        started = time.perf_counter()
+        if run is None:
+            self.searcher.search_arrays(self.qv, opts, exclude=self.queries)
+        else:
+            run()
+        return len(self.queries) / max(time.perf_counter() - started, 1e-9)
+
+    def add(self, name: str, options: dict[str, Any], qps: float, **kw: Any) -> None:
+        kw.setdefault("query_vectors", self.qv)
+        m = metrics.label_metrics(self.vectors, self.searcher.labels, self.queries, ks=KS, **kw)
+        self.rows.append({"name": name, "options": options, "map": m["map"], "p@1": m["p@1"], "p@10": m["p@10"],
+                          "queries": m["queries"], "qps": qps})
+
+
 def configurations(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, vectors: np.ndarray,
                    base: SearchOptions) -> list[dict[str, Any]]:
     """Plain, QE (and QE 3, the baseline), αQE, diffusion (graph), QE + diffusion, verification, as the index allows.
@@ -45,79 +113,35 @@ def configurations(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, vect
     index has local features: it costs milliseconds per candidate).
     """
     caps = searcher.capabilities
-    labels = searcher.labels
     exact = base.replace(method="exact", rerank=False, qe=0, qe_alpha=0.0, diffusion=False, verify=0)
     qe_n = base.rerank.qe or BASELINE_QE
     alpha = base.rerank.qe_alpha or 3.0
-    rows: list[dict[str, Any]] = []
-
-    def expanded(a: float, n: int = qe_n) -> np.ndarray:
-        top, top_scores = searcher.search_arrays(qv, exact, exclude=queries, k=n)
-        return searcher.expand(qv, top, n, top_scores, a)
-
-    def diffusion_head(query_vectors: np.ndarray | None):
-        def reorder(qids: np.ndarray, ranked: np.ndarray) -> np.ndarray:
-            n = min(base.rerank.diffusion_candidates, ranked.shape[1])
-            qrows = np.searchsorted(queries, qids)
-            q = qv[qrows] if query_vectors is None else query_vectors[qrows]
-            head = ranked[:, :n]
-            ids, _ = searcher.diffuse_lists(head, _scored(vectors, q, head), n)
-            out = ranked.copy()
-            out[:, :n] = ids
-            return out
-        return reorder
-
-    def verify_head(qids: np.ndarray, ranked: np.ndarray) -> np.ndarray:
-        n = min(base.rerank.verify, ranked.shape[1])
-        qrows = np.searchsorted(queries, qids)
-        head = ranked[:, :n]
-        ids, _, _ = searcher.verify_arrays([searcher.local_features_of(int(g)) for g in qids], head,
-                                           _scored(vectors, qv[qrows], head), n)
-        out = ranked.copy()
-        out[:, :n] = ids
-        return out
-
-    def timed(opts: SearchOptions, run=None) -> float:
-        started = time.perf_counter()
-        if run is None:
-            searcher.search_arrays(qv, opts, exclude=queries)
-        else:
-            run()
-        return len(queries) / max(time.perf_counter() - started, 1e-9)
-
-    def add(name: str, options: dict[str, Any], qps: float, **kw: Any) -> None:
-        kw.setdefault("query_vectors", qv)
-        m = metrics.label_metrics(vectors, labels, queries, ks=KS, **kw)
-        rows.append({"name": name, "options": options, "map": m["map"], "p@1": m["p@1"], "p@10": m["p@10"],
-                     "queries": m["queries"], "qps": qps})
-
+    bench = _Bench(searcher, queries, qv, vectors, exact)
+    add, timed = bench.add, bench.timed
     add("exact", {}, timed(exact))
-    qe_vectors = expanded(0.0)
+    qe_vectors = bench.expanded(0.0, qe_n)
     if qe_n != BASELINE_QE:  # the customary baseline, so that every report can be read against it
         add(f"exact + QE {BASELINE_QE}", {"qe": BASELINE_QE}, timed(exact.replace(qe=BASELINE_QE)),
-            query_vectors=expanded(0.0, BASELINE_QE))
+            query_vectors=bench.expanded(0.0, BASELINE_QE))
     add(f"exact + QE {qe_n}", {"qe": qe_n}, timed(exact.replace(qe=qe_n)), query_vectors=qe_vectors)
-    aqe_vectors = expanded(alpha)
+    aqe_vectors = bench.expanded(alpha, qe_n)
     add(f"exact + αQE {qe_n} (α={alpha:g})", {"qe": qe_n, "qe_alpha": alpha},
         timed(exact.replace(qe=qe_n, qe_alpha=alpha)), query_vectors=aqe_vectors)
     if caps["diffusion"]:
         n = base.rerank.diffusion_candidates
         add(f"exact + diffusion ({n})", {"diffusion": True, "diffusion_candidates": n},
-            timed(exact.replace(diffusion=True, diffusion_candidates=n)), reorder=diffusion_head(None))
+            timed(exact.replace(diffusion=True, diffusion_candidates=n)), reorder=bench.diffusion_head(n, None))
         add(f"exact + QE {qe_n} + diffusion ({n})", {"qe": qe_n, "diffusion": True, "diffusion_candidates": n},
             timed(exact.replace(qe=qe_n, diffusion=True, diffusion_candidates=n)),
-            query_vectors=qe_vectors, reorder=diffusion_head(qe_vectors))
+            query_vectors=qe_vectors, reorder=bench.diffusion_head(n, qe_vectors))
     if caps["verify"] and base.rerank.verify > 0:
         n = base.rerank.verify
-
-        def verify_run() -> None:
-            ids, scores = searcher.search_arrays(qv, exact.replace(k=n), exclude=queries)
-            searcher.verify_arrays([searcher.local_features_of(int(g)) for g in queries], ids, scores, n)
-        add(f"exact + verification ({n})", {"verify": n}, timed(exact, verify_run), reorder=verify_head)
-    dba = (searcher.manifest.dba or {}).get("k")
-    for row in rows:
-        row["index"] = {"dba": dba, "graph_k": (searcher.manifest.graph or {}).get("k")}
-    return rows
+        add(f"exact + verification ({n})", {"verify": n}, timed(exact, bench.verify_run(n)),
+            reorder=bench.verify_head(n))
+    index = {"dba": (searcher.manifest.dba or {}).get("k"), "graph_k": (searcher.manifest.graph or {}).get("k")}
+    for row in bench.rows:
+        row["index"] = dict(index)
+    return bench.rows
 
 
 def feedback_rounds(searcher: Searcher, queries: np.ndarray, qv: np.ndarray, rounds: int,
