@@ -167,6 +167,67 @@ def _effect(metrics: dict[str, Any], baseline: dict[str, Any], goal: str) -> flo
     return metrics["target_hit@1"] - baseline["target_hit@1"]
 
 
+@dataclasses.dataclass
+class _Attack:
+    """The sample under attack, how it is searched, and what the attacks left (keyed as in the report)."""
+
+    searcher: Any
+    embedder: Any
+    graph: Any
+    cfg: AdversarialConfig
+    x: np.ndarray  # the sample's pixels
+    gids: np.ndarray
+    clean: np.ndarray  # the sample's embeddings
+    targets: np.ndarray | None
+    target_vectors: np.ndarray | None
+    opts: Any
+    channels: list[tuple[str, int | None]]
+    rankings: dict[tuple[str, str, int, str], np.ndarray] = dataclasses.field(default_factory=dict)
+    adversarial: dict[tuple[str, str, int], np.ndarray] = dataclasses.field(default_factory=dict)
+    baselines: dict[tuple[str, str], dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def row(self, method: str, goal: str, eps: int) -> dict[str, Any]:
+        """One attack at one budget, sent down every channel: its figures against the clean baseline."""
+        targeted = goal == "targeted"
+        adv = attack(self.graph, self.x, eps, method, targets=self.target_vectors if targeted else None,
+                     anchors=self.clean, opts=self.cfg.attack)
+        self.adversarial[(method, goal, eps)] = adv
+        delta = int(np.abs(adv.astype(np.int16) - self.x.astype(np.int16)).max())
+        row: dict[str, Any] = {"attack": method, "goal": goal, "eps": eps, "max_abs_delta": delta, "channels": {}}
+        for name, quality in self.channels:
+            vectors, ok, failures = self.embedder.embed_bytes([encode(a, quality) for a in adv])
+            if len(ok) != len(adv):
+                raise RuntimeError(f"{len(failures)} adversarial images failed the query path: {failures[:1]}")
+            ids, _ = self.searcher.search_arrays(vectors, self.opts)
+            self.rankings[(method, goal, eps, name)] = ids
+            m = _metrics(ids, vectors, self.gids, self.clean, self.searcher.labels,
+                         self.targets if targeted else None, self.target_vectors, self.cfg.k)
+            if eps == 0:
+                self.baselines[(goal, name)] = m
+            base = self.baselines.get((goal, name))
+            m["effect"] = round(_effect(m, base, goal), 4) if base else None
+            row["channels"][name] = m
+        direct = row["channels"]["direct"].get("effect")
+        row["survival"] = {n: (round(row["channels"][n]["effect"] / direct, 4) if direct and direct > 0 else None)
+                           for n, _ in self.channels[1:]}
+        log.info("adversarial: %s %s eps %d: %s", method, goal, eps,
+                 ", ".join(f"{n} self@1 {row['channels'][n]['self_hit@1']:.2f}" for n, _ in self.channels))
+        return row
+
+    def pictures(self, method: str, goal: str, top: int, read_bytes: Callable[[str], bytes | None]
+                 ) -> dict[str, Image.Image]:
+        """Before-and-after pictures of the first photos of the sample at the largest budget ``top``."""
+        cfg, out = self.cfg, {}
+        for i in range(min(cfg.pictures, len(self.gids))):
+            name = f"{method}-{goal}-eps{top}" + (f"-{i + 1}" if cfg.pictures > 1 else "")
+            out[name] = attack_picture(
+                self.searcher, read_bytes, self.x[i], self.adversarial[(method, goal, top)][i], top,
+                self.rankings[(method, goal, 0, "direct")][i], self.rankings[(method, goal, top, "direct")][i],
+                int(self.gids[i]), None if goal == "untargeted" else int(self.targets[i]), cfg.neighbours,
+                f"{method.upper()} {goal}, eps {top} grey levels")
+        return out
+
+
 def run_report(searcher: Any, embedder: Any, cfg: AdversarialConfig, read_bytes: Callable[[str], bytes | None]
                ) -> AdversarialReport:
     """The report (see the module docstring), its pictures, and the raw rankings behind it."""
@@ -174,68 +235,33 @@ def run_report(searcher: Any, embedder: Any, cfg: AdversarialConfig, read_bytes:
     graph = embedding_graph(embedder)
     fixed_target = {_gid_of(searcher, cfg.target)} if cfg.target not in (None, "random") else set()
     gids_l, pixel_list, unreadable = _sample(searcher, embedder, cfg.sample, cfg.seed, read_bytes, fixed_target)
-    gids = np.asarray(gids_l, np.int64)
     x = np.stack(pixel_list)
     clean = graph.embed_numpy(x)
     targets = _targets(searcher, gids_l, cfg.target, cfg.seed) if cfg.target else None
-    target_vectors = searcher.vectors_of(targets) if targets is not None else None
-    labels = searcher.labels
-    opts = searcher.options(k=cfg.depth, method="exact")
-    channels: list[tuple[str, int | None]] = [("direct", None)] + [(f"jpeg{q}", q) for q in cfg.jpeg_qualities]
+    run = _Attack(searcher, embedder, graph, cfg, x, np.asarray(gids_l, np.int64), clean, targets,
+                  searcher.vectors_of(targets) if targets is not None else None,
+                  searcher.options(k=cfg.depth, method="exact"),
+                  [("direct", None)] + [(f"jpeg{q}", q) for q in cfg.jpeg_qualities])
     goals = ["untargeted"] + (["targeted"] if targets is not None else [])
     eps_list = sorted({int(e) for e in cfg.eps})
     rows: list[dict[str, Any]] = []
-    rankings: dict[tuple[str, str, int, str], np.ndarray] = {}
-    adversarial: dict[tuple[str, str, int], np.ndarray] = {}
     pictures: dict[str, Image.Image] = {}
-    baselines: dict[tuple[str, str], dict[str, Any]] = {}
     for method in cfg.attacks:
         for goal in goals:
-            for eps in eps_list:
-                adv = attack(graph, x, eps, method, targets=target_vectors if goal == "targeted" else None,
-                             anchors=clean, opts=cfg.attack)
-                adversarial[(method, goal, eps)] = adv
-                delta = int(np.abs(adv.astype(np.int16) - x.astype(np.int16)).max())
-                row: dict[str, Any] = {"attack": method, "goal": goal, "eps": eps, "max_abs_delta": delta,
-                                       "channels": {}}
-                for name, quality in channels:
-                    vectors, ok, failures = embedder.embed_bytes([encode(a, quality) for a in adv])
-                    if len(ok) != len(adv):
-                        raise RuntimeError(f"{len(failures)} adversarial images failed the query path: {failures[:1]}")
-                    ids, _ = searcher.search_arrays(vectors, opts)
-                    rankings[(method, goal, eps, name)] = ids
-                    m = _metrics(ids, vectors, gids, clean, labels, targets if goal == "targeted" else None,
-                                 target_vectors, cfg.k)
-                    if eps == 0:
-                        baselines[(goal, name)] = m
-                    base = baselines.get((goal, name))
-                    m["effect"] = round(_effect(m, base, goal), 4) if base else None
-                    row["channels"][name] = m
-                direct = row["channels"]["direct"].get("effect")
-                row["survival"] = {n: (round(row["channels"][n]["effect"] / direct, 4) if direct and direct > 0
-                                       else None) for n, _ in channels[1:]}
-                rows.append(row)
-                log.info("adversarial: %s %s eps %d: %s", method, goal, eps,
-                         ", ".join(f"{n} self@1 {row['channels'][n]['self_hit@1']:.2f}" for n, _ in channels))
-            top = eps_list[-1]
-            if top > 0:
-                for i in range(min(cfg.pictures, len(gids))):
-                    name = f"{method}-{goal}-eps{top}" + (f"-{i + 1}" if cfg.pictures > 1 else "")
-                    pictures[name] = attack_picture(
-                        searcher, read_bytes, x[i], adversarial[(method, goal, top)][i], top,
-                        rankings[(method, goal, 0, "direct")][i], rankings[(method, goal, top, "direct")][i],
-                        int(gids[i]), None if goal == "untargeted" else int(targets[i]), cfg.neighbours,
-                        f"{method.upper()} {goal}, eps {top} grey levels")
+            rows += [run.row(method, goal, eps) for eps in eps_list]
+            if eps_list[-1] > 0:
+                pictures.update(run.pictures(method, goal, eps_list[-1], read_bytes))
+    gids = run.gids
     report = {
         "index": searcher.version_dir, "items": searcher.size, "model": embedder.spec.name,
         "sample": len(gids), "unreadable_skipped": unreadable, "seed": cfg.seed, "search": "exact",
         "k": cfg.k, "depth": cfg.depth, "target": cfg.target, "attack_options": dataclasses.asdict(cfg.attack),
-        "channels": {n: ("lossless PNG" if q is None else f"JPEG quality {q}") for n, q in channels},
+        "channels": {n: ("lossless PNG" if q is None else f"JPEG quality {q}") for n, q in run.channels},
         "sample_image_ids": [searcher.image_ids[int(g)] for g in gids],
         "target_image_ids": None if targets is None else [searcher.image_ids[int(t)] for t in targets],
         "results": rows,
     }
-    return AdversarialReport(report, pictures, rankings, gids, x, adversarial)
+    return AdversarialReport(report, pictures, run.rankings, gids, x, run.adversarial)
 
 
 def _thumb(read_bytes: Callable[[str], bytes | None], uri: str, box: int) -> Image.Image:
