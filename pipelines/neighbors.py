@@ -37,6 +37,7 @@ from artefacts.manifests import (
     NeighborsCounts,
     NeighborsIndexRef,
     NeighborsManifest,
+    ShardRecord,
     new_run_id,
     utc_now,
 )
@@ -149,8 +150,8 @@ def run(cfg: NeighborsConfig, beam_args: list[str] | None = None) -> NeighborsMa
 
 def _items_per_shard(index: str, version: str, manifest: IndexManifest) -> list[int]:
     """Shard sizes from the SHARD.json files, for manifests that do not list them."""
-    return [int(fsutil.read_json(fsutil.join(index, version, layout.shard_dir(s), layout.SHARD_INFO))["items"])
-            for s in range(manifest.shards)]
+    paths = [fsutil.join(index, version, layout.shard_dir(s), layout.SHARD_INFO) for s in range(manifest.shards)]
+    return [ShardRecord.from_dict(fsutil.read_json(path), path).items for path in paths]
 
 
 def publish(cfg: NeighborsConfig, run_id: str, staging: str, version: str, index_manifest: IndexManifest,

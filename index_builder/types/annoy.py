@@ -16,7 +16,7 @@ import numpy as np
 from annoy import AnnoyIndex
 
 from artefacts import layout
-from artefacts.manifests import AnnoyParams
+from artefacts.manifests import AnnoyParams, ShardRecord
 from index_builder import calibration
 from index_builder.types.base import IndexType, ShardBuild
 
@@ -138,13 +138,13 @@ class AnnoyType(IndexType):
         return found.to_dict(cls.effort_key)
 
     @classmethod
-    def manifest_params(cls, cfg_params: Params, seed: int, shards: list[dict[str, Any]],
+    def manifest_params(cls, cfg_params: Params, seed: int, shards: list[ShardRecord],
                         summary: dict[str, Any] | None) -> AnnoyParams:
         efforts = [e for e in (summary or {}).get("per_shard", []) if e and e.get(cls.effort_key)]
         return AnnoyParams(
             trees=cfg_params.trees, metric=layout.METRIC, seed=seed,
             search_k=max((int(e[cls.effort_key]) for e in efforts), default=-1),
-            on_disk_build_shards=[s for s, i in enumerate(shards) if (i.get("annoy") or {}).get("on_disk_build")],
+            on_disk_build_shards=[s for s, record in enumerate(shards) if record.on_disk_build],
             calibration=summary,
         )
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from artefacts.manifests import ShardRecord
 from index_builder import calibration
 
 
@@ -132,7 +133,7 @@ class IndexType:
         return None
 
     @classmethod
-    def manifest_params(cls, cfg_params: Any, seed: int, shards: list[dict[str, Any]],
+    def manifest_params(cls, cfg_params: Any, seed: int, shards: list[ShardRecord],
                         summary: dict[str, Any] | None) -> Any:
         """The record the index manifest keeps for this type (None: nothing)."""
         return None

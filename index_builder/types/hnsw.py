@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from artefacts import layout
-from artefacts.manifests import HnswParams
+from artefacts.manifests import HnswParams, ShardRecord
 from index_builder import calibration
 from index_builder.types.base import IndexType, ShardBuild
 
@@ -180,7 +180,7 @@ class HnswType(IndexType):
         return shard.built.get("hnsw_calibration")
 
     @classmethod
-    def manifest_params(cls, cfg_params: Params, seed: int, shards: list[dict[str, Any]],
+    def manifest_params(cls, cfg_params: Params, seed: int, shards: list[ShardRecord],
                         summary: dict[str, Any] | None) -> HnswParams:
         efforts = [int(e[cls.effort_key]) for e in (summary or {}).get("per_shard", []) if e]
         return HnswParams(m=cfg_params.m, ef_construction=cfg_params.ef_construction,

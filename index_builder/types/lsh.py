@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from artefacts import layout
-from artefacts.manifests import LshParams
+from artefacts.manifests import LshParams, ShardRecord
 from index_builder import calibration, lsh
 from index_builder.types.base import IndexType, ShardBuild
 
@@ -99,7 +99,7 @@ class LshType(IndexType):
         return found.to_dict(cls.effort_key)
 
     @classmethod
-    def manifest_params(cls, cfg_params: Params, seed: int, shards: list[dict[str, Any]],
+    def manifest_params(cls, cfg_params: Params, seed: int, shards: list[ShardRecord],
                         summary: dict[str, Any] | None) -> LshParams:
         efforts = [int(e[cls.effort_key]) for e in (summary or {}).get("per_shard", []) if e]
         return LshParams(bits=cfg_params.bits, seed=seed, substring_bits=lsh.SUBSTRING_BITS,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from artefacts.manifests import ShardRecord
 from index_builder import calibration
 from index_builder.types.annoy import AnnoyType
 from index_builder.types.base import IndexType
@@ -59,9 +60,9 @@ def shard_files(names: tuple[str, ...]) -> list[str]:
     return [f for n in names for f in get(n).files]
 
 
-def calibration_summary(infos: list[dict[str, Any]], name: str, target: float) -> dict[str, Any] | None:
+def calibration_summary(infos: list[ShardRecord], name: str, target: float) -> dict[str, Any] | None:
     """What calibration chose and measured, per shard, for one index type (None when it did not run)."""
-    per_shard = [(i.get("calibration") or {}).get(name) for i in infos]
+    per_shard = [i.calibrated(name) for i in infos]
     if not any(per_shard):
         return None
     measured = [p for p in per_shard if p]
@@ -73,7 +74,7 @@ def calibration_summary(infos: list[dict[str, Any]], name: str, target: float) -
     }
 
 
-def manifest_records(names: tuple[str, ...], params: dict[str, Any], seed: int, infos: list[dict[str, Any]],
+def manifest_records(names: tuple[str, ...], params: dict[str, Any], seed: int, infos: list[ShardRecord],
                      target: float) -> dict[str, Any]:
     """Per built type, the record the index manifest keeps (its parameters and calibration summary)."""
     out = {}

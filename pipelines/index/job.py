@@ -132,7 +132,7 @@ def _dba_passes(cfg: IndexConfig, shards: _Shards, extra: Extras) -> dict[str, i
     first = first_only.run(FIRST_ATTEMPTS)
     first_attempts = choose_attempts(shards.staging, shards.shards, FIRST_ATTEMPTS)
     augmented, extra.dba = steps.augment_vectors(cfg, shards.staging, first_attempts)
-    extra.carried = [(i.get("duplicates_dropped", 0), i.get("non_finite_skipped", 0)) for _, i in first_attempts]
+    extra.carried = [(i.duplicates_dropped, i.non_finite_skipped) for _, i in first_attempts]
     result = dataclasses.replace(shards, files=augmented, transform=VectorTransform()).run()
     return {**job_metrics.collect(first, COUNTERS, distributions=False),
             **{f"dba_pass_{k}": v for k, v in job_metrics.collect(result, COUNTERS, distributions=False).items()}}

@@ -24,6 +24,7 @@ from artefacts.manifests import (
     FeaturesManifest,
     FileDigest,
     IndexManifest,
+    ShardRecord,
     TransformInfo,
     utc_now,
 )
@@ -54,8 +55,8 @@ class Extras:
     carried: list[tuple[int, int]] | None = None  # --dba: per shard, (duplicates, non-finite) of the first pass
 
 
-def choose_attempts(staging: str, shards: int, attempts: str = ATTEMPTS) -> list[tuple[str, dict[str, Any]]]:
-    """For every shard, one complete build attempt: (folder, SHARD.json content).
+def choose_attempts(staging: str, shards: int, attempts: str = ATTEMPTS) -> list[tuple[str, ShardRecord]]:
+    """For every shard, one complete build attempt: (folder, its SHARD.json record).
 
     Complete means SHARD.json exists (uploaded last) and every file it lists is
     there at the size it records. Among complete attempts the first by name wins;
@@ -68,8 +69,8 @@ def choose_attempts(staging: str, shards: int, attempts: str = ATTEMPTS) -> list
         infos = sorted(p for p in sizes if p.startswith(prefix) and p.endswith("/" + layout.SHARD_INFO))
         for info_path in infos:
             folder = info_path[: -len(layout.SHARD_INFO) - 1]
-            info = fsutil.read_json(info_path)
-            if all(sizes.get(fsutil.join(folder, n)) == m["bytes"] for n, m in info["files"].items()):
+            info = ShardRecord.from_dict(fsutil.read_json(info_path), info_path)
+            if all(sizes.get(fsutil.join(folder, n)) == m.bytes for n, m in info.files.items()):
                 chosen.append((folder, info))
                 break
             log.warning("shard %d: attempt %s is incomplete, skipped", s, folder)
@@ -112,29 +113,29 @@ def publish(
     return manifest
 
 
-def _check_counts(infos: list[dict[str, Any]], extras: Extras, features_manifest: FeaturesManifest,
+def _check_counts(infos: list[ShardRecord], extras: Extras, features_manifest: FeaturesManifest,
                   metrics: dict[str, int]) -> Accounting:
     """Every feature row is in a shard, or counted out of one (duplicate, non-finite); else PublishRefusedError."""
     if extras.carried:  # --dba: rows the first pass left out are accounted for by its shards
         for info, (dup, non_finite) in zip(infos, extras.carried, strict=True):
-            info["duplicates_dropped"] = info.get("duplicates_dropped", 0) + dup
-            info["non_finite_skipped"] = info.get("non_finite_skipped", 0) + non_finite
+            info.duplicates_dropped += dup
+            info.non_finite_skipped += non_finite
     rows_in = sum(p.rows for p in features_manifest.parts("features"))
-    accounted = sum(i["items"] + i.get("duplicates_dropped", 0) + i.get("non_finite_skipped", 0) for i in infos)
+    accounted = sum(i.accounted for i in infos)
     checked = {"feature rows": rows_in, "rows read (counter)": metrics.get("rows_read"),
                "items + duplicates + non-finite in the shards": accounted}
     protocol.check_counts("index", checked)
     return Accounting("upstream manifest", len(features_manifest.parts("features")), rows_in, checked)
 
 
-def _version_files(staging: str, attempts: list[tuple[str, dict[str, Any]]]
+def _version_files(staging: str, attempts: list[tuple[str, ShardRecord]]
                    ) -> tuple[dict[str, FileDigest], list[tuple[str, str]]]:
     """The version's files (path in the version → digest) and the moves that put them there (staged, path)."""
     files: dict[str, FileDigest] = {}
     moves: list[tuple[str, str]] = []
     for s, (folder, info) in enumerate(attempts):
-        for name, meta in info["files"].items():
-            files[f"{layout.shard_dir(s)}/{name}"] = FileDigest(meta["sha256"], meta["bytes"])
+        for name, meta in info.files.items():
+            files[f"{layout.shard_dir(s)}/{name}"] = meta
             moves.append((fsutil.join(folder, name), f"{layout.shard_dir(s)}/{name}"))
         files[f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"] = _digest(fsutil.join(folder, layout.SHARD_INFO))
         moves.append((fsutil.join(folder, layout.SHARD_INFO), f"{layout.shard_dir(s)}/{layout.SHARD_INFO}"))
@@ -154,7 +155,7 @@ def _version_files(staging: str, attempts: list[tuple[str, dict[str, Any]]]
 
 def _manifest(cfg: IndexConfig, version: str, features_manifest: FeaturesManifest, dimension: Dimension,
               elapsed: float, metrics: dict[str, int] | None, transform: VectorTransform | None, extras: Extras,
-              infos: list[dict[str, Any]], files: dict[str, FileDigest], accounting: Accounting) -> IndexManifest:
+              infos: list[ShardRecord], files: dict[str, FileDigest], accounting: Accounting) -> IndexManifest:
     has_projection = transform is not None and transform.projection is not None
     return IndexManifest(
         version=version,
@@ -169,9 +170,9 @@ def _manifest(cfg: IndexConfig, version: str, features_manifest: FeaturesManifes
         index_types=list(cfg.index_types),
         shards=cfg.shards,
         sharding=SHARDING,
-        items=sum(i["items"] for i in infos),
-        items_per_shard=[i["items"] for i in infos],
-        duplicates_dropped=sum(i.get("duplicates_dropped", 0) for i in infos),
+        items=sum(i.items for i in infos),
+        items_per_shard=[i.items for i in infos],
+        duplicates_dropped=sum(i.duplicates_dropped for i in infos),
         model=features_manifest.model,
         model_fingerprint=features_manifest.model_fingerprint,
         features_run_id=features_manifest.run_id,
@@ -187,7 +188,7 @@ def _manifest(cfg: IndexConfig, version: str, features_manifest: FeaturesManifes
     )
 
 
-def _type_params(cfg: IndexConfig, infos: list[dict[str, Any]]) -> dict[str, Any]:
+def _type_params(cfg: IndexConfig, infos: list[ShardRecord]) -> dict[str, Any]:
     """Each built type's manifest record (its parameters and calibration), from the registry.
 
     A type with a field of its name in the manifest (``annoy``, ``lsh``, ``hnsw``) fills it; a
@@ -201,13 +202,13 @@ def _type_params(cfg: IndexConfig, infos: list[dict[str, Any]]) -> dict[str, Any
     return {**known, "extra": other} if other else known
 
 
-def _local_features(local: dict[str, Any] | None, infos: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _local_features(local: dict[str, Any] | None, infos: list[ShardRecord]) -> dict[str, Any] | None:
     """The features' local-feature record, with what the shards stored of it (None when none were carried)."""
     if local is None:
         return None
     return {**local, "items_with_local_features": sum(
-        (i.get("local_features") or {}).get("items_with_local_features", 0) for i in infos),
-        "vote_index": votes_type.manifest_record([i["local_features"]["vote_index"]["kind"] for i in infos])}
+        (i.local_features or {}).get("items_with_local_features", 0) for i in infos),
+        "vote_index": votes_type.manifest_record([i.local_features["vote_index"]["kind"] for i in infos])}
 
 
 def _move_in_and_commit(final: str, staging: str, files: dict[str, FileDigest], moves: list[tuple[str, str]],

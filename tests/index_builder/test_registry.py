@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from artefacts.manifests import Dimension, IndexManifest, TransformInfo
+from artefacts.manifests import Dimension, IndexManifest, ShardRecord, TransformInfo
 from index_builder import calibration, local_store, lsh
 from index_builder.shard import ShardItems, ShardParams, build_shard
 from index_builder.types import registry
@@ -55,7 +55,8 @@ def built(tmp_path_factory):
     local_rows, descriptors = _local_rows(ids)
     info = build_shard(ShardItems(ids, ids, [None] * N, [""] * N, vectors), 0, str(out / "shard"), planes, params,
                        offsets=offsets, local_rows=local_rows)
-    records = registry.manifest_records(registry.SELECTABLE, params.type_params, 1234, [info], 0.9)
+    records = registry.manifest_records(registry.SELECTABLE, params.type_params, 1234, [ShardRecord.from_dict(info)],
+                                       0.9)
     manifest = IndexManifest(version="v", created_utc="", metric="angular", dimension=Dimension(DIM, DIM),
                              transform=TransformInfo(["l2"], 0), shards=1, items=N, model={}, model_fingerprint="",
                              files={}, index_types=list(registry.SELECTABLE), **records)

@@ -410,7 +410,7 @@ def test_publish_picks_a_complete_attempt_per_shard(tmp_path):
     finished = _staged_shard(staging, 1, "dddd", planes)
     chosen = index.choose_attempts(str(staging), 2)
     assert [folder for folder, _ in chosen] == [whole, finished]
-    assert [info["shard"] for _, info in chosen] == [0, 1]
+    assert [info.shard for _, info in chosen] == [0, 1]
 
 
 def _snapshot(version_dir) -> dict[str, bytes]:
