@@ -40,6 +40,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from artefacts.manifests import ExportCard, utc_now
@@ -89,6 +90,44 @@ class ExportResult:
     info: ExportCard
 
 
+def _fill(value: Any, images: Any) -> Any:
+    """``value`` once per image of the batch (the fingerprint outputs)."""
+    import tensorflow as tf
+
+    return tf.fill(tf.shape(images)[:1], value)
+
+
+def _transformed_fn(features: Callable[[Any], Any], index: IndexTransform, fingerprint: str, size: int,
+                    max_pixels: int, reduced_decode: bool) -> Any:
+    """The ``transformed`` signature: the bytes signature's features put through the index's transform.
+
+    The transform is the index's as data (projection and bias, read and checked at build time): the
+    export never loads a SavedModel that came with an index.
+    """
+    import tensorflow as tf
+
+    projection = None if index.projection is None else tf.constant(index.projection, tf.float32)
+    bias = None if index.bias is None else tf.constant(index.bias, tf.float32)
+
+    def transform(x):
+        x = tf.math.l2_normalize(x, axis=1)
+        if projection is None:
+            return x
+        return tf.math.l2_normalize(tf.matmul(x, projection) + bias, axis=1)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)], autograph=False)
+    def transformed_fn(images):
+        raw = features(decode_batch(images, size, max_pixels, reduced_decode))
+        return {
+            FEATURES_OUTPUT: transform(raw),
+            FINGERPRINT_OUTPUT: _fill(fingerprint, images),
+            INDEX_VERSION_OUTPUT: _fill(index.version, images),
+            TRANSFORM_FINGERPRINT_OUTPUT: _fill(index.transform_fingerprint, images),
+        }
+
+    return transformed_fn
+
+
 def _servable(backbone: Backbone, fingerprint: str, max_pixels: int, reduced_decode: bool,
               index: IndexTransform | None):
     """A tf.Module owning the Keras model (and the tf.Transform layer) with one tf.function per signature."""
@@ -108,9 +147,6 @@ def _servable(backbone: Backbone, fingerprint: str, max_pixels: int, reduced_dec
         # an empty batch is a valid request; some CPU kernels reject zero-sized inputs
         return tf.cond(tf.shape(pixels)[0] > 0, run, lambda: tf.zeros([0, backbone.dim], tf.float32))
 
-    def fill(value, images):
-        return tf.fill(tf.shape(images)[:1], value)
-
     # autograph=False: the graph code below uses tf.cond / tf.while_loop explicitly, and converting
     # it anyway multiplies the tracing time.
     @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name=PIXELS_INPUT)],
@@ -122,34 +158,14 @@ def _servable(backbone: Backbone, fingerprint: str, max_pixels: int, reduced_dec
     def bytes_fn(images):
         return {
             FEATURES_OUTPUT: features(decode_batch(images, size, max_pixels, reduced_decode)),
-            FINGERPRINT_OUTPUT: fill(fingerprint, images),
+            FINGERPRINT_OUTPUT: _fill(fingerprint, images),
         }
 
     signatures = {BYTES_SIGNATURE: bytes_fn, PIXELS_SIGNATURE: pixels_fn}
 
     if index is not None:
-        # The index's transform as data (projection and bias, read and checked at build time): the
-        # export never loads a SavedModel that came with an index.
-        projection = None if index.projection is None else tf.constant(index.projection, tf.float32)
-        bias = None if index.bias is None else tf.constant(index.bias, tf.float32)
-
-        def transform(x):
-            x = tf.math.l2_normalize(x, axis=1)
-            if projection is None:
-                return x
-            return tf.math.l2_normalize(tf.matmul(x, projection) + bias, axis=1)
-
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=IMAGES_INPUT)], autograph=False)
-        def transformed_fn(images):
-            raw = features(decode_batch(images, size, max_pixels, reduced_decode))
-            return {
-                FEATURES_OUTPUT: transform(raw),
-                FINGERPRINT_OUTPUT: fill(fingerprint, images),
-                INDEX_VERSION_OUTPUT: fill(index.version, images),
-                TRANSFORM_FINGERPRINT_OUTPUT: fill(index.transform_fingerprint, images),
-            }
-
-        signatures[TRANSFORMED_SIGNATURE] = transformed_fn
+        signatures[TRANSFORMED_SIGNATURE] = _transformed_fn(features, index, fingerprint, size, max_pixels,
+                                                            reduced_decode)
     # Concrete functions, traced once here: handing tf.functions to tf.saved_model.save (or
     # attaching them to the module) traces them again in its save context.
     return module, {name: fn.get_concrete_function() for name, fn in signatures.items()}
@@ -220,15 +236,7 @@ def export_savedmodel(
     """
     import tensorflow as tf
 
-    if spec.is_savedmodel:
-        raise ExportError("export-model takes a preset; a savedmodel: is already exported")
-    if spec.precision != "float32":
-        raise ExportError("export float32 models; serve reduced precision with TF Serving's own options")
-    if version < 1:
-        raise ExportError(f"version must be a positive integer, not {version}")
-    final = _join(output, str(version))
-    if tf.io.gfile.exists(final) and not force:
-        raise ExportError(f"{final} exists: choose another --version or pass --force to replace it")
+    final = _check_request(spec, output, version, force)
     started = time.time()
     description = spec.describe()  # resolves weights now: a missing file fails before any work
     fingerprint = spec.fingerprint()
@@ -241,7 +249,48 @@ def export_savedmodel(
     module, signatures = _servable(backbone, fingerprint, max_pixels, reduced_decode, index)
     staging = _join(output, f"_staging-{version}-{uuid.uuid4().hex[:8]}")
     tf.io.gfile.makedirs(output)
-    info = ExportCard(
+    info = _card(spec, description, fingerprint, backbone, version, signatures, index, max_pixels, reduced_decode)
+    try:
+        tf.saved_model.save(module, staging, signatures=signatures)
+        extra = _join(staging, ASSETS_EXTRA)
+        tf.io.gfile.makedirs(extra)
+        with tf.io.gfile.GFile(_join(extra, EXPORT_INFO_FILE), "w") as f:
+            f.write(json.dumps(info.to_dict(), indent=2, sort_keys=True) + "\n")
+        if warmup:
+            _write_warmup(_join(extra, WARMUP_FILE), backbone.size)
+        _publish(staging, final, force)
+    except BaseException:
+        if tf.io.gfile.exists(staging):
+            tf.io.gfile.rmtree(staging)
+        raise
+    log.info("exported %s (%d-d, fingerprint %s) to %s in %.1fs", spec.name, backbone.dim, fingerprint, final,
+             time.time() - started)
+    return ExportResult(path=final, version=version, info=info)
+
+
+def _check_request(spec: ModelSpec, output: str, version: int, force: bool) -> str:
+    """The version folder to write, or an ``ExportError`` saying why this export cannot be made."""
+    import tensorflow as tf
+
+    if spec.is_savedmodel:
+        raise ExportError("export-model takes a preset; a savedmodel: is already exported")
+    if spec.precision != "float32":
+        raise ExportError("export float32 models; serve reduced precision with TF Serving's own options")
+    if version < 1:
+        raise ExportError(f"version must be a positive integer, not {version}")
+    final = _join(output, str(version))
+    if tf.io.gfile.exists(final) and not force:
+        raise ExportError(f"{final} exists: choose another --version or pass --force to replace it")
+    return final
+
+
+def _card(spec: ModelSpec, description: dict[str, Any], fingerprint: str, backbone: Backbone, version: int,
+          signatures: dict[str, Any], index: IndexTransform | None, max_pixels: int, reduced_decode: bool
+          ) -> ExportCard:
+    """The export card written beside the SavedModel: what made it, how it decodes, what it serves."""
+    import tensorflow as tf
+
+    return ExportCard(
         created_utc=utc_now(),
         version=version,
         model=description,
@@ -265,22 +314,6 @@ def export_savedmodel(
         },
         tensorflow_version=tf.__version__,
     )
-    try:
-        tf.saved_model.save(module, staging, signatures=signatures)
-        extra = _join(staging, ASSETS_EXTRA)
-        tf.io.gfile.makedirs(extra)
-        with tf.io.gfile.GFile(_join(extra, EXPORT_INFO_FILE), "w") as f:
-            f.write(json.dumps(info.to_dict(), indent=2, sort_keys=True) + "\n")
-        if warmup:
-            _write_warmup(_join(extra, WARMUP_FILE), backbone.size)
-        _publish(staging, final, force)
-    except BaseException:
-        if tf.io.gfile.exists(staging):
-            tf.io.gfile.rmtree(staging)
-        raise
-    log.info("exported %s (%d-d, fingerprint %s) to %s in %.1fs", spec.name, backbone.dim, fingerprint, final,
-             time.time() - started)
-    return ExportResult(path=final, version=version, info=info)
 
 
 def _publish(staging: str, final: str, force: bool) -> None:
