@@ -186,13 +186,13 @@ def _adversarial(args: argparse.Namespace, _beam_args) -> int:
 
 
 def register(sub) -> None:
-    from pipelines.options import (
-        add_model_args,
-        float_above,
-        non_negative_int,
-        non_negative_int_list,
-        positive_int,
-    )
+    """``cbir dream``, ``explain``, ``map`` and ``adversarial``: one parser each."""
+    for add in (_register_dream, _register_explain, _register_map, _register_adversarial):
+        add(sub)
+
+
+def _register_dream(sub) -> None:
+    from pipelines.options import add_model_args, float_above, non_negative_int, positive_int
 
     d = sub.add_parser(
         "dream", help="DeepDream: amplify what a layer sees in an image",
@@ -213,6 +213,10 @@ def register(sub) -> None:
     d.add_argument("--output", required=True, help="PNG path (figures go next to it as .json)")
     d.set_defaults(handler=_dream, beam=False)
 
+
+def _register_explain(sub) -> None:
+    from pipelines.options import positive_int
+
     e = sub.add_parser(
         "explain", help="why a result matched a query: saliency maps of the similarity, side by side",
         description="Occlusion (default; ~170 forward passes per image at 224 px, seconds on a CPU), gradient or "
@@ -226,6 +230,10 @@ def register(sub) -> None:
     e.add_argument("--stride", type=positive_int, default=16, help="occlusion stride in model pixels")
     e.add_argument("--output", required=True, help="PNG path (figures go next to it as .json)")
     e.set_defaults(handler=_explain, beam=False)
+
+
+def _register_map(sub) -> None:
+    from pipelines.options import non_negative_int, positive_int
 
     m = sub.add_parser(
         "map", help="a 2-D map of an index (PCA or t-SNE) with thumbnails coloured by label",
@@ -241,6 +249,10 @@ def register(sub) -> None:
     m.add_argument("--no-thumbnails", action="store_true", help="coloured squares only (no image reads)")
     m.add_argument("--output", required=True, help="PNG path (figures go next to it as .json)")
     m.set_defaults(handler=_map, beam=False)
+
+
+def _register_adversarial(sub) -> None:
+    from pipelines.options import non_negative_int, non_negative_int_list, positive_int
 
     a = sub.add_parser(
         "adversarial", help="FGSM / PGD against retrieval: self-hit, target rank, P@10 against eps, before and "
