@@ -94,7 +94,7 @@ def _sample_queries(corpus: str, n: int) -> list[str]:
     return picked
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="cbir end-to-end demo on the DirectRunner")
     parser.add_argument("--input", default=None, help="image folder (default: a built-in sample corpus)")
     parser.add_argument("--output", default="out/demo")
@@ -105,7 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--dims", type=int, default=64)
     parser.add_argument("--queries", type=int, default=4)
-    args, beam_args = parser.parse_known_args(argv)
+    return parser
+
+
+def _corpus(args: argparse.Namespace, out: str) -> tuple[str, list[str]]:
+    """(corpus folder, query files): the user's folder and a few of its images, or the built-in sample."""
+    if args.input:
+        print(f"corpus: {args.input}")
+        return args.input, _sample_queries(args.input, args.queries)
+    corpus, queries = build_sample_corpus(out)
+    print(f"corpus: built-in sample ({corpus}): scikit-image's bundled photos in 6 variants each, "
+          "plus 2 broken files")
+    return corpus, queries[: args.queries]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs ``cbir extract``, ``cbir index`` and ``cbir query`` as a user would type them (the jobs' own
+    console entry, so the demo is exactly the commands and imports none of the jobs), then the timings."""
+    args, beam_args = _parser().parse_known_args(argv)
     quiet_tensorflow()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -113,57 +130,38 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("apache_beam", "absl", "tensorflow", "root", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from models.backbone.network import ModelSpec
-    from pipelines import extract, index
-    from pipelines.query import format_table, run_query
-    from search.options import Rerank, SearchOptions
-    from transforms.inference import BatchingOptions
+    from pipelines.cli import main as cbir
+    from search.index_files import resolve
+    from transforms.feature_sets import read_features_manifest
 
     out = os.path.abspath(args.output)
-    if args.input:
-        corpus, queries = args.input, _sample_queries(args.input, args.queries)
-        print(f"corpus: {corpus}")
-    else:
-        corpus, queries = build_sample_corpus(out)
-        queries = queries[: args.queries]
-        print(f"corpus: built-in sample ({corpus}): scikit-image's bundled photos in 6 variants each, "
-              "plus 2 broken files")
+    corpus, queries = _corpus(args, out)
+    features, index, sheet = (os.path.join(out, name) for name in ("features", "index", "contact_sheet.png"))
+    model = ["--runtime", args.runtime] + (["--weights-dir", args.weights_dir] if args.weights_dir else [])
+    stages: dict[str, float] = {}
 
-    stages = {}
-    t = time.time()
-    fm = extract.run(
-        extract.ExtractConfig(
-            input=corpus, output=os.path.join(out, "features"),
-            model=ModelSpec(args.model, weights_dir=args.weights_dir, runtime=args.runtime),
-            batching=BatchingOptions(),
-        ),
-        beam_args,
-    )
-    stages["extract"] = time.time() - t
-    extract.print_summary(fm)
+    def stage(name: str, command: list[str]) -> int:
+        t = time.time()
+        code = cbir([name, *command])
+        stages[name] = time.time() - t
+        return code
 
-    t = time.time()
+    if code := stage("extract", ["--input", corpus, "--output", features, "--model", args.model, *model, *beam_args]):
+        return code
+    fm = read_features_manifest(features)
     dims = min(args.dims, max(1, fm.counts.ok - 1))
-    im = index.run(index.IndexConfig(features=os.path.join(out, "features"), output=os.path.join(out, "index"),
-                                     shards=args.shards, dims=dims), beam_args)
-    stages["index"] = time.time() - t
-    index.print_summary(im)
-
-    t = time.time()
-    sheet = os.path.join(out, "contact_sheet.png")
-    rows, failures, timings = run_query(os.path.join(out, "index"), queries,
-                                        SearchOptions(k=5, rerank=Rerank(exact=True)),
-                                        weights_dir=args.weights_dir, sheet=sheet, runtime=args.runtime)
-    stages["query"] = time.time() - t
-    print(format_table(rows))
+    if code := stage("index", ["--features", features, "--output", index, "--shards", str(args.shards),
+                               "--dims", str(dims), *beam_args]):
+        return code
+    _, im = resolve(index)
+    code = stage("query", ["--index", index, *queries, "-k", "5", "--rerank", "--sheet", sheet, *model])
     print()
     print("stage      seconds   items   items/s")
-    counts = {"extract": fm.counts.read, "index": im.items, "query": timings["queries"]}
-    for stage, secs in stages.items():
-        print(f"{stage:<9} {secs:>8.1f} {counts[stage]:>7} {counts[stage] / secs:>9.1f}")
-    print(f"\nfeatures: {os.path.join(out, 'features')}\nindex:    {os.path.join(out, 'index')} "
-          f"({im.bytes / 1e6:.1f} MB)\nsheet:    {sheet}")
-    return 1 if failures else 0
+    counts = {"extract": fm.counts.read, "index": im.items, "query": len(queries)}
+    for name, secs in stages.items():
+        print(f"{name:<9} {secs:>8.1f} {counts[name]:>7} {counts[name] / secs:>9.1f}")
+    print(f"\nfeatures: {features}\nindex:    {index} ({im.bytes / 1e6:.1f} MB)\nsheet:    {sheet}")
+    return code
 
 
 if __name__ == "__main__":
