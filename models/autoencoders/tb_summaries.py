@@ -6,7 +6,7 @@ training needs only to *write* the logs, and whoever reads them runs TensorBoard
 two kinds are written here through TensorFlow's own ``tf.summary.write``, with the same
 summary metadata TensorBoard's writers attach (plugin ``scalars`` with data class scalar,
 plugin ``images`` with a blob sequence of ``[width, height, png, …]``), which is what its
-scalars and images dashboards read. tests/models/test_pixel_autoencoder.py reads them back.
+scalars and images dashboards read. tests/models/autoencoders/test_pixel_autoencoder.py reads them back.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def decode_cost(mode: str, fmt: str, pixels: int, transparent: bool = False) -> 
     makes on the way to RGB: transparency composited on white (an RGBA copy, a white RGBA
     canvas and the composite), high-bit-depth conversion (a uint8 plane; row blocks), the RGB
     result. WebP decodes through an RGBA buffer of libwebp's own first. Measured peaks on
-    25 MP images stayed below these estimates (tests/models/test_imaging.py).
+    25 MP images stayed below these estimates (tests/models/backbone/test_imaging.py).
     """
     bpp = _BYTES_PER_PIXEL.get(mode, 4)
     cost = 2 * bpp + 3  # decoded, transposed, RGB

@@ -6,7 +6,7 @@ a stored vector. "Why did these match?" maps and adversarial examples must follo
 gradient of *that* number, not of some proxy, so this module builds the same chain from
 the same data (the backbone's Keras model, the encoder's and transform's arrays) in
 TensorFlow. :meth:`EmbeddingGraph.embed` agrees with the numpy query path to float32
-rounding (tests/serving/test_explain.py checks it on real photos).
+rounding (tests/inspection/test_explain.py checks it on real photos).
 """
 
 from __future__ import annotations

@@ -227,14 +227,14 @@ def _rest_handler(emulator: ModelServerEmulator):
 # -- fixtures -------------------------------------------------------------------------------------------
 
 
-SHARED_EXPORT_DIR = "flowers_savedmodel"  # where tests/models/test_export.py exports the same model
+SHARED_EXPORT_DIR = "flowers_savedmodel"  # where tests/models/backbone/test_export.py exports the same model
 
 
 @pytest.fixture(scope="module")
 def model_base(tmp_path_factory, mobilenet_spec, flowers_index):
     """cbir's export of MobileNet with this session's flowers_index transform, as version 1.
 
-    tests/models/test_export.py makes exactly this export (same call, same arguments) and
+    tests/models/backbone/test_export.py makes exactly this export (same call, same arguments) and
     leaves it untouched; when it already ran in this session its folder is served, else
     the export is made here."""
     shared = tmp_path_factory.getbasetemp() / SHARED_EXPORT_DIR / MODEL

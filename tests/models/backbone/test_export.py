@@ -50,7 +50,7 @@ def backbone(mobilenet_spec):
     return Backbone(mobilenet_spec)
 
 
-# Session-level folder of this export: tests/serving/test_serving_client.py serves the very same export
+# Session-level folder of this export: tests/search/test_tf_serving.py serves the very same export
 # (same model, version 1, this session's flowers_index transform) from here instead of exporting again.
 # Nothing writes into it after the export.
 SHARED_EXPORT_DIR = "flowers_savedmodel"

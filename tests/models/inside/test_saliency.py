@@ -1,6 +1,6 @@
 """Saliency maps: occlusion finds what a score depends on; guided backpropagation needs ReLUs.
 
-Gradient and guided maps of the real similarity are tested in tests/serving/test_explain.py.
+Gradient and guided maps of the real similarity are tested in tests/inspection/test_explain.py.
 """
 
 from __future__ import annotations
