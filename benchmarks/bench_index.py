@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="revision whose `cbir index` (Annoy + LSH, 8 shards) is the same-run baseline at the "
                              "largest size; '' skips it")
     parser.add_argument("--quick", action="store_true", help="20k vectors, no neighbours job, no RESULTS.md")
+    parser.add_argument("--print-only", action="store_true", help="print the report, leave RESULTS.md as it is")
     args = parser.parse_args(argv)
     from index_builder.types import hnsw
 
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     text = _report(dev, results, m, ef_c, args)
     print(text)
-    if not args.quick:
+    if not (args.quick or args.print_only):
         update_section("bench_index", text)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

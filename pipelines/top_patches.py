@@ -26,7 +26,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from artefacts.manifests import Accounting, TopPatchesManifest, new_run_id, utc_now
+from artefacts.manifests import TopPatchesManifest, new_run_id, utc_now
 from models.backbone.imaging import DEFAULT_MAX_PIXELS
 from models.backbone.network import Backbone, ModelSpec
 from models.inside.layers import LayerModel
@@ -35,6 +35,7 @@ from plumbing import fsutil, job_metrics, publish
 from transforms.decode import DecodeFn
 from transforms.features_io import WriteFailureParquet
 from transforms.readers import InputSpec, ReadImages, write_listing
+from transforms.readers.accounting import count_inputs, write_tallies
 from transforms.records import FAILURES_TAG
 from transforms.top_patches import (
     ACTIVATION_SCHEMA,
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 KINDS = ("activations", "failures")
 GRIDS = "channels"
 SUMMARIES = "_channels"
-TALLIES = "_tallies"
 
 
 @dataclasses.dataclass
@@ -105,11 +105,7 @@ def build(p: beam.Pipeline, cfg: TopPatchesConfig, spec: InputSpec, listing: str
         | "WriteSummaries" >> beam.io.WriteToText(fsutil.join(staging, SUMMARIES, "part"), file_name_suffix=".jsonl")
     )
     if "tallies" in read:
-        (
-            read["tallies"]
-            | "TallyJson" >> beam.Map(lambda t: json.dumps(t, sort_keys=True))
-            | "WriteTallies" >> beam.io.WriteToText(fsutil.join(staging, TALLIES, "part"), file_name_suffix=".jsonl")
-        )
+        write_tallies(read["tallies"], staging)
 
 
 def _jsonl(pattern: str) -> list[dict[str, Any]]:
@@ -117,25 +113,6 @@ def _jsonl(pattern: str) -> list[dict[str, Any]]:
     for path in fsutil.match(pattern):
         out += [json.loads(line) for line in fsutil.read_bytes(path).decode("utf-8").splitlines() if line.strip()]
     return out
-
-
-def _inputs(spec: InputSpec, listed: list, staging: str) -> tuple[int, Accounting]:
-    """How many inputs there were, known outside the pipeline: the listing, or one tally per listed shard.
-
-    (The same rule as ``cbir extract``: a shard without exactly one tally refuses the run.)
-    """
-    if not spec.is_shards:
-        return len(listed), Accounting("listing", len(listed), len(listed))
-    tallies: dict[str, list[int]] = {}
-    for t in _jsonl(fsutil.join(staging, TALLIES, "part-*")):
-        tallies.setdefault(t["unit"], []).append(int(t["entries"]))
-    missing = [f.path for f in listed if len(tallies.get(f.path, [])) != 1]
-    if missing:
-        raise publish.PublishRefusedError("top-patches", {"shards listed": len(listed),
-                                                          "shards with one tally": len(listed) - len(missing)},
-                                          f"no single tally for {len(missing)} shard(s), e.g. {missing[:3]}")
-    total = sum(tallies[f.path][0] for f in listed)
-    return total, Accounting("parquet footers" if spec.format == "parquet" else "tallies", len(listed), total)
 
 
 def check_layer(cfg: TopPatchesConfig) -> dict[str, Any]:
@@ -181,7 +158,7 @@ def publish_run(cfg: TopPatchesConfig, spec: InputSpec, listed: list, run_id: st
     scored = sum(p.rows for _, p in staged["activations"])
     failed = sum(p.rows for _, p in staged["failures"])
     metrics = job_metrics.collect(result, ("cbir", "cbir_top_patches"), distributions=False)
-    inputs, accounting = _inputs(spec, listed, staging)
+    inputs, accounting = count_inputs(spec, listed, staging, job="top-patches")
     accounting.checked = {"inputs": inputs, "read (counter)": metrics.get("read"), "rows written": scored + failed}
     publish.check_counts("top-patches", accounting.checked)
     summaries = {int(s["channel"]): s for s in _jsonl(fsutil.join(staging, SUMMARIES, "part-*"))}
