@@ -144,12 +144,10 @@ class IndexType:
         self.version_dir = version_dir
         self.manifest = manifest
         self.dim = manifest.dimension.output
-
-    @property
-    def recorded(self) -> Any:
-        """This type's record in the manifest (a field of its name, or an unknown key kept in ``extra``)."""
-        found = getattr(self.manifest, self.name, None)
-        return found if found is not None else (self.manifest.extra or {}).get(self.name)
+        found = getattr(manifest, self.name, None)
+        # this type's record in the manifest: a field of its name, or an unknown key kept in ``extra``
+        self.recorded = found if found is not None else (manifest.extra or {}).get(self.name)
+        self.calibration_k = int((_get(self.recorded, "calibration") or {}).get("k") or calibration.DEFAULT_K)
 
     def calibrated(self, number: int) -> int | None:
         """The effort calibration chose for shard ``number`` (None when the index recorded none)."""
@@ -157,10 +155,6 @@ class IndexType:
         per_shard = (cal or {}).get("per_shard") or []
         entry = per_shard[number] if number < len(per_shard) else None
         return int(entry[self.effort_key]) if entry and entry.get(self.effort_key) is not None else None
-
-    @property
-    def calibration_k(self) -> int:
-        return int((_get(self.recorded, "calibration") or {}).get("k") or calibration.DEFAULT_K)
 
     def open_shard(self, shard_dir: str, n: int, number: int, dense: Any) -> Any:
         """This type's handle on a shard folder holding ``n`` items; ``dense()`` gives its stored vectors."""

@@ -128,7 +128,7 @@ class LshType(IndexType):
         calibrated = handle[3] if handle is not None else None
         if requested or not calibrated:
             return requested or LSH_FACTOR * k
-        return max(k, int(np.ceil(calibrated * k / self.calibration_k)))
+        return max(k, -(-calibrated * k // self.calibration_k))  # the calibrated count scaled to k, rounded up
 
     def encode(self, q: np.ndarray) -> np.ndarray:
         return lsh.encode(q, self.planes, self.offsets)
