@@ -217,7 +217,7 @@ def build_shard(
     _write_idmap(items, out_dir)
     local_counts = _write_local(build, params) if params.local_features else None
     t1 = time.monotonic()
-    calibrated = _calibrate(build, params)
+    calibrated = calibrate_built(build, params, params.index_types)
     seconds["calibration"] = round(time.monotonic() - t1, 3)
     seconds["total"] = round(time.monotonic() - t0, 3)
     info = {
@@ -228,7 +228,7 @@ def build_shard(
         "lsh_bits": int(planes.shape[1]),
         "calibration": calibrated,
         "local_features": local_counts,
-        "files": _file_digests(out_dir),
+        "files": file_digests(out_dir),
         "seconds": seconds,
     }
     record = ShardRecord.from_dict(info, f"{out_dir}/{layout.SHARD_INFO}")  # typed: what every reader expects
@@ -251,16 +251,23 @@ def _shard_build(items: ShardItems, shard: int, out_dir: str, planes: np.ndarray
                       image_ids=items.image_ids, sha256=items.sha256, local_rows=local_rows)
 
 
-def _calibrate(build: ShardBuild, params: ShardParams) -> dict[str, Any] | None:
-    """Each type's calibrated effort on the shard's held-out items (None when calibration does not run)."""
+def calibrate_built(build: ShardBuild, params: ShardParams, names: Any,
+                    earlier: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Each type's calibrated effort on the shard's held-out items (None when calibration does not run).
+
+    ``earlier``: the shard's calibration before an in-place update; a type that could not measure
+    again (too few new items to hold out of a graph) keeps what it had.
+    """
     if build.query_ids is None:
         return None
     log.info("shard %d: calibrating search effort on %d held-out items…", build.number, len(build.query_ids))
     settings = params.settings
     out: dict[str, Any] = {"k": settings.calibration_k, "target_recall": settings.target_recall,
                            "queries": int(len(build.query_ids))}
-    for name in params.index_types:
+    for name in names:
         found = registry.get(name).calibrate(build)
+        if found is None and earlier:
+            found = earlier.get(name)
         if found is not None:
             out[name] = found
     return out
@@ -289,7 +296,7 @@ def _write_local(build: ShardBuild, params: ShardParams) -> dict[str, Any]:
     return counts
 
 
-def _file_digests(out_dir: str) -> dict[str, dict[str, Any]]:
+def file_digests(out_dir: str) -> dict[str, dict[str, Any]]:
     files = {}
     for name in sorted(os.listdir(out_dir)):
         if name == layout.SHARD_INFO:

@@ -8,8 +8,10 @@ metric (the manifest keeps them), and items cannot be added after ``build``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ from annoy import AnnoyIndex
 
 from artefacts import layout
 from artefacts.manifests import AnnoyParams, ShardRecord
-from index_builder import calibration
+from index_builder import calibration, topk
 from index_builder.types.base import IndexType, ShardBuild
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TREES = 50
 DEFAULT_ON_DISK_BYTES = 1 << 30  # Annoy builds in its file above this: RAM for the vectors, not the trees
 RERANK_FACTOR = 4  # Annoy candidates per shard = RERANK_FACTOR * k when they are re-scored
+TREE_IDS_FILE = "annoy_ids.npy"  # after an in-place update: each tree item's dense id now, -1 once removed
+COMPACT_SHARE = 0.1  # trees whose removed + not-yet-planted items pass this share of the shard are rebuilt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +97,58 @@ def _search_file(index: AnnoyIndex, q: np.ndarray, n: int, search_k: int) -> tup
     return ids, scores
 
 
+@dataclasses.dataclass
+class Trees:
+    """One shard's Annoy trees as opened, with the segment an in-place update left beside them.
+
+    Annoy cannot add or remove after ``build``: an update keeps the trees, maps their item ids to
+    the shard's dense ids now (``tree_ids``, -1 for a removed item) and searches the items the trees
+    do not hold (``delta``, dense ids) exactly, until a rebuild plants them (:data:`COMPACT_SHARE`).
+    """
+
+    index: AnnoyIndex
+    calibrated: int
+    tree_ids: np.ndarray | None = None
+    delta: np.ndarray | None = None
+    dense: Any = None  # () -> the shard's stored vectors
+
+    @property
+    def removed_share(self) -> float:
+        return float((self.tree_ids < 0).mean()) if self.tree_ids is not None and len(self.tree_ids) else 0.0
+
+    def search(self, q: np.ndarray, n: int, search_k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.tree_ids is None:
+            return _search_file(self.index, q, n, search_k)
+        fetch = min(len(self.tree_ids), n + int(np.ceil(2 * n * self.removed_share)) + 1)
+        ids, scores = _search_file(self.index, q, fetch, search_k)
+        ids = np.where(ids >= 0, self.tree_ids[np.maximum(ids, 0)], -1)
+        scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        if self.delta is not None and len(self.delta):
+            extra = topk.as_float32(np.asarray(self.dense()[self.delta])) @ q.T  # (delta, b)
+            ids = np.concatenate([ids, np.broadcast_to(self.delta, (len(q), len(self.delta)))], axis=1)
+            scores = np.concatenate([scores, extra.T.astype(np.float32)], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :n]
+        ids, scores = np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+        return np.where(np.isfinite(scores), ids, -1), scores
+
+
+def open_trees(shard_dir: str, n: int, dim: int, calibrated: int, dense: Any) -> Trees:
+    """A shard's trees memory-mapped, with its update segment when it has one; checked against ``n`` items."""
+    index = AnnoyIndex(dim, layout.METRIC)
+    index.load(os.path.join(shard_dir, layout.ANNOY_FILE))  # memory-mapped, shared between processes
+    ids_path = os.path.join(shard_dir, TREE_IDS_FILE)
+    if not os.path.exists(ids_path):
+        if index.get_n_items() != n:
+            raise layout.IndexIntegrityError(f"{shard_dir}: Annoy holds {index.get_n_items()} items, the id map {n}")
+        return Trees(index, calibrated)
+    tree_ids = np.load(ids_path)
+    live = tree_ids[tree_ids >= 0]
+    if len(tree_ids) != index.get_n_items() or len(np.unique(live)) != len(live) or (len(live) and live.max() >= n):
+        raise layout.IndexIntegrityError(f"{shard_dir}: {TREE_IDS_FILE} does not map Annoy's items into {n} items")
+    delta = np.setdiff1d(np.arange(n, dtype=np.int64), live)
+    return Trees(index, calibrated, tree_ids, delta, dense)
+
+
 class AnnoyType(IndexType):
     name = "annoy"
     files = (layout.ANNOY_FILE,)
@@ -122,19 +178,39 @@ class AnnoyType(IndexType):
                 "estimated_bytes": bytes_estimate(n, dim, params.trees)}
 
     @classmethod
+    def update(cls, shard: ShardBuild) -> dict[str, Any]:
+        """The base trees kept, their items mapped to the new dense ids, new items in the exact segment.
+
+        Rebuilt instead once removed and unplanted items pass :data:`COMPACT_SHARE` of the shard.
+        """
+        change = shard.change
+        base_ids_path = os.path.join(change.base_dir, TREE_IDS_FILE)
+        base_ids = np.load(base_ids_path) if os.path.exists(base_ids_path) else np.arange(len(change.remap))
+        tree_ids = np.where(base_ids >= 0, change.remap[np.maximum(base_ids, 0)], -1).astype(np.int64)
+        removed, unplanted = int((tree_ids < 0).sum()), shard.size - int((tree_ids >= 0).sum())
+        if removed + unplanted > COMPACT_SHARE * shard.size:
+            log.info("shard %d: Annoy %d removed + %d new items, rebuilding the trees", shard.number, removed,
+                     unplanted)
+            return cls.build(shard)
+        _link_or_copy(os.path.join(change.base_dir, layout.ANNOY_FILE), shard.path(layout.ANNOY_FILE))
+        np.save(shard.path(TREE_IDS_FILE), tree_ids)
+        base = _base_entry(change.base_dir)
+        return {**base, "removed": removed, "delta": unplanted}
+
+    @classmethod
     def calibrate(cls, shard: ShardBuild) -> dict[str, Any] | None:
         if shard.query_ids is None:
             return None
         params, k, n = cls.params(shard), shard.settings.calibration_k, shard.size
-        index = AnnoyIndex(shard.vectors.shape[1], layout.METRIC)
-        index.load(shard.path(layout.ANNOY_FILE))
+        trees = open_trees(shard.out_dir, n, shard.vectors.shape[1], 0, lambda: shard.stored)
+        search = (lambda q, m, search_k: _ids(trees.index, q, m, search_k)) if trees.tree_ids is None else \
+            (lambda q, m, search_k: trees.search(q, m, search_k)[0])
         try:
             grid = calibration.geometric_grid(params.trees * (k + 1), params.trees * n * 2, 1.6)
-            found = calibration.calibrate(lambda q, m, search_k: _ids(index, q, m, search_k), grid,
-                                          shard.vectors, shard.query_ids, shard.truth(), shard.settings.target_recall,
-                                          threads=shard.settings.threads)
+            found = calibration.calibrate(search, grid, shard.vectors, shard.query_ids, shard.truth(),
+                                          shard.settings.target_recall, threads=shard.settings.threads)
         finally:
-            index.unload()
+            trees.index.unload()
         return found.to_dict(cls.effort_key)
 
     @classmethod
@@ -159,25 +235,35 @@ class AnnoyType(IndexType):
     def open_shard(self, shard_dir: str, n: int, number: int, dense: Any) -> Any:
         if not n:
             return None
-        index = AnnoyIndex(self.dim, layout.METRIC)
-        index.load(os.path.join(shard_dir, layout.ANNOY_FILE))  # memory-mapped, shared between processes
-        if index.get_n_items() != n:
-            raise layout.IndexIntegrityError(f"{shard_dir}: Annoy holds {index.get_n_items()} items, the id map {n}")
-        return index, self.calibrated(number) or self.default_search_k
+        return open_trees(shard_dir, n, self.dim, self.calibrated(number) or self.default_search_k, dense)
 
     def close_shard(self, handle: Any) -> None:
         if handle is not None:
-            handle[0].unload()
+            handle.index.unload()
 
     def candidates(self, handle: Any, k: int, requested: int, reranked: bool) -> int:
         return requested or (RERANK_FACTOR * k if reranked else k)
 
     def search(self, handle: Any, q: np.ndarray, n: int, effort: int) -> tuple[np.ndarray, np.ndarray | None]:
-        index, calibrated = handle
         if effort:
             search_k = effort
-        elif calibrated > 0:  # calibrated for k candidates: keep at least trees × n for more
-            search_k = max(calibrated, self.manifest.annoy.trees * n)
+        elif handle.calibrated > 0:  # calibrated for k candidates: keep at least trees × n for more
+            search_k = max(handle.calibrated, self.manifest.annoy.trees * n)
         else:
             search_k = -1
-        return _search_file(index, q, n, search_k)
+        return handle.search(q, n, search_k)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """The base version's file in the new one: a hard link where the filesystem allows (no bytes copied)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _base_entry(base_dir: str) -> dict[str, Any]:
+    """The base shard's Annoy entry of its SHARD.json (trees, how and how big it was built)."""
+    with open(os.path.join(base_dir, layout.SHARD_INFO)) as f:
+        entry = json.load(f)["annoy"]
+    return {k: entry[k] for k in ("trees", "on_disk_build", "estimated_bytes")}

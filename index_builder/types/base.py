@@ -44,6 +44,25 @@ class BuildSettings:
         return self.n_jobs if self.n_jobs > 0 else (os.cpu_count() or 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardChange:
+    """What an in-place update does to a built shard: which of its items stay, how many are appended.
+
+    The updated shard keeps its surviving items in their old order (dense ids renumbered
+    without gaps) and appends the new ones after them, so every file a reader sees stays
+    dense; only a type that cannot drop items from its own structure (a graph, Annoy's trees)
+    keeps them inside as tombstones that its search skips.
+    """
+
+    base_dir: str  # the built shard folder this update starts from
+    remap: np.ndarray  # (base items,) int64: each base item's dense id after the update, -1 if removed
+    added: int  # items appended after the survivors
+
+    @property
+    def kept(self) -> int:
+        return int((self.remap >= 0).sum())
+
+
 @dataclasses.dataclass
 class ShardBuild:
     """One shard being built in a local folder: its vectors and what the types share.
@@ -65,6 +84,7 @@ class ShardBuild:
     sha256: list[str] = dataclasses.field(default_factory=list)
     local_rows: Any = None  # pyarrow Table of local-feature rows, or None
     built: dict[str, Any] = dataclasses.field(default_factory=dict)  # type name -> what its build returned
+    change: ShardChange | None = None  # set when the shard is updated in place rather than built
 
     @property
     def size(self) -> int:
@@ -126,6 +146,16 @@ class IndexType:
     def build(cls, shard: ShardBuild) -> dict[str, Any] | None:
         """Writes this type's files for ``shard``; returns its SHARD.json entry (None: nothing to record)."""
         return None
+
+    @classmethod
+    def update(cls, shard: ShardBuild) -> dict[str, Any] | None:
+        """Brings this type's files from ``shard.change.base_dir`` to the updated items; its SHARD.json entry.
+
+        The default builds afresh from ``shard.vectors`` (right for a type whose files are a
+        cheap function of the vectors, as LSH codes are); a type whose build is the expensive
+        part overrides it to add and remove in place.
+        """
+        return cls.build(shard)
 
     @classmethod
     def calibrate(cls, shard: ShardBuild) -> dict[str, Any] | None:

@@ -52,6 +52,8 @@ HNSW_FILE = "hnsw.faiss"
 DEFAULT_M = 32
 DEFAULT_EF_CONSTRUCTION = 40
 DEFAULT_EF_SEARCH = 64
+COMPACT_SHARE = 0.2  # a graph whose tombstones pass this share of its nodes is rebuilt (issue 27 measures it)
+MIN_NEW_TO_CALIBRATE = 50  # an update with fewer new items keeps the shard's earlier calibration
 EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
@@ -92,18 +94,50 @@ def build(vectors: np.ndarray, path: str, m: int = DEFAULT_M, ef_construction: i
     graph = faiss.IndexHNSWSQ(vectors.shape[1], faiss.ScalarQuantizer.QT_fp16, m, faiss.METRIC_INNER_PRODUCT)
     graph.hnsw.efConstruction = ef_construction
     index = faiss.IndexIDMap(graph)
-    ids = np.arange(len(vectors), dtype=np.int64)
+    result = _add_holding_out(index, vectors, np.arange(len(vectors), dtype=np.int64), held_out, while_held_out)
+    faiss.write_index(index, path)
+    return result
+
+
+def _add_holding_out(index: Any, vectors: np.ndarray, labels: np.ndarray, held_out: np.ndarray | None,
+                     while_held_out: Callable[[Any], Any] | None) -> Any:
+    """Adds ``vectors`` under ``labels``; rows ``held_out`` last, after ``while_held_out(index)`` ran."""
     result = None
     if held_out is not None and while_held_out is not None and len(held_out):
         late = np.zeros(len(vectors), bool)
         late[held_out] = True
-        index.add_with_ids(vectors[~late], ids[~late])
+        index.add_with_ids(vectors[~late], labels[~late])
         result = while_held_out(index)
-        index.add_with_ids(vectors[late], ids[late])
+        index.add_with_ids(vectors[late], labels[late])
     elif len(vectors):
-        index.add_with_ids(vectors, ids)
+        index.add_with_ids(vectors, labels)
+    return result
+
+
+def relabel_and_add(base_path: str, path: str, remap: np.ndarray, vectors: np.ndarray, first_label: int,
+                    held_out: np.ndarray | None = None, while_held_out: Callable[[Any], Any] | None = None) -> Any:
+    """Updates a built graph in place: labels renumbered by ``remap`` (-1: removed), ``vectors`` added.
+
+    HNSW cannot delete a node without hurting the links through it, so a removed item stays in
+    the graph under label -1 as a tombstone: a search skips it (:func:`search`, through an id
+    selector) while its links still lead elsewhere. New items are added under labels
+    ``first_label`` onwards, the held-out ones last as in :func:`build`. Returns what
+    ``while_held_out`` returned.
+    """
+    faiss = _faiss()
+    index = faiss.read_index(base_path)  # read whole: a memory-mapped index cannot be written to
+    labels = faiss.vector_to_array(index.id_map)
+    faiss.copy_array_to_vector(np.where(labels >= 0, remap[np.maximum(labels, 0)], -1).astype(np.int64),
+                               index.id_map)
+    new_labels = np.arange(first_label, first_label + len(vectors), dtype=np.int64)
+    result = _add_holding_out(index, np.ascontiguousarray(vectors, np.float32), new_labels, held_out, while_held_out)
     faiss.write_index(index, path)
     return result
+
+
+def live_items(index: Any) -> int:
+    """Items a search can return: the graph's nodes less its tombstones (label -1)."""
+    return int((_faiss().vector_to_array(index.id_map) >= 0).sum())
 
 
 def open_mapped(path: str):
@@ -113,20 +147,29 @@ def open_mapped(path: str):
 
 
 @functools.lru_cache(maxsize=64)
-def _params(ef_search: int):
-    """Search parameters per efSearch, made once: faiss only reads them, so threads may share one."""
-    params = _faiss().SearchParametersHNSW()
+def _params(ef_search: int, live: int | None = None):
+    """Search parameters per efSearch, made once: faiss only reads them, so threads may share one.
+
+    ``live``: the graph holds tombstones, and only labels 0..live-1 may be returned.
+    """
+    faiss = _faiss()
+    params = faiss.SearchParametersHNSW()
     params.efSearch = ef_search
+    if live is not None:
+        params.sel = faiss.IDSelectorRange(0, live)
+        params._selector = params.sel  # keep the selector alive as long as the parameters
     return params
 
 
-def search(index, queries: np.ndarray, n: int, ef_search: int) -> tuple[np.ndarray, np.ndarray]:
+def search(index, queries: np.ndarray, n: int, ef_search: int, live: int | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
     """(ids (b, n) int64 with -1 pads, cosines (b, n) float32) with ``efSearch`` for this call only.
 
     The search parameters travel with the call, so threads searching one index with
-    different efforts never race on the index's own setting.
+    different efforts never race on the index's own setting. ``live`` (a graph with
+    tombstones) keeps the removed items out of the results.
     """
-    params = _params(max(int(ef_search), n))
+    params = _params(max(int(ef_search), n), live)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     scores, ids = index.search(q, n, params=params)
     if (ids < 0).any():
@@ -161,18 +204,46 @@ class HnswType(IndexType):
         calibrating = shard.query_ids is not None
         shard.built["hnsw_calibration"] = build(
             shard.vectors, shard.path(HNSW_FILE), params.m, params.ef_construction, held_out=shard.query_ids,
-            while_held_out=(lambda index: cls._calibrate_on(index, shard)) if calibrating else None,
+            while_held_out=(lambda index: cls._calibrate_on(index, shard, shard.query_ids)) if calibrating else None,
         )
         return {"m": params.m, "ef_construction": params.ef_construction}
 
     @classmethod
-    def _calibrate_on(cls, index: Any, shard: ShardBuild) -> dict[str, Any]:
+    def update(cls, shard: ShardBuild) -> dict[str, Any]:
+        """New items added to the base graph, removed ones left in it as tombstones; rebuilt past COMPACT_SHARE.
+
+        Calibrated on a sample of the new items, held out of the graph until it ran, as a build
+        calibrates on held-out items (too few new items: on held-out items by a rebuild's rule).
+        """
+        change, params = shard.change, cls.params(shard)
+        base = os.path.join(change.base_dir, HNSW_FILE)
+        mapped = open_mapped(base)
+        tombstones = mapped.ntotal - live_items(mapped) + int((change.remap < 0).sum())
+        del mapped
+        if tombstones > COMPACT_SHARE * (len(change.remap) + change.added):
+            log.info("shard %d: %d HNSW tombstones, rebuilding the graph", shard.number, tombstones)
+            return {**cls.build(shard), "tombstones": 0}
+        new = shard.vectors[change.kept:]
+        held = None
+        if shard.query_ids is not None and change.added >= MIN_NEW_TO_CALIBRATE:
+            held = calibration.held_out_queries(change.added, shard.settings.calibration_queries,
+                                                shard.settings.seed + shard.number)
+        log.info("shard %d: HNSW +%d items, %d tombstones…", shard.number, change.added, tombstones)
+        shard.built["hnsw_calibration"] = relabel_and_add(
+            base, shard.path(HNSW_FILE), change.remap, new, change.kept, held_out=held,
+            while_held_out=(lambda index: cls._calibrate_on(index, shard, held + change.kept, shard.size))
+            if held is not None else None)
+        return {"m": params.m, "ef_construction": params.ef_construction, "tombstones": tombstones}
+
+    @classmethod
+    def _calibrate_on(cls, index: Any, shard: ShardBuild, query_ids: np.ndarray, live: int | None = None
+                      ) -> dict[str, Any]:
         """The smallest efSearch reaching the target for items the graph does not hold yet."""
         k = shard.settings.calibration_k
         grid = [e for e in EF_GRID if e >= k + 1]
-        found = calibration.calibrate(lambda q, m, ef: search(index, q, m, ef)[0], grid, shard.vectors,
-                                      shard.query_ids, shard.truth(leave_out_all=True),
-                                      shard.settings.target_recall, threads=shard.settings.threads)
+        truth = calibration.exact_neighbours(shard.vectors, query_ids, k, leave_out_all=True)
+        found = calibration.calibrate(lambda q, m, ef: search(index, q, m, ef, live)[0], grid, shard.vectors,
+                                      query_ids, truth, shard.settings.target_recall, threads=shard.settings.threads)
         return {**found.to_dict(cls.effort_key), "queries": "held out of the graph"}
 
     @classmethod
@@ -190,11 +261,12 @@ class HnswType(IndexType):
 
     def open_shard(self, shard_dir: str, n: int, number: int, dense: Any) -> Any:
         index = open_mapped(os.path.join(shard_dir, HNSW_FILE))
-        if index.ntotal != n:
-            raise layout.IndexIntegrityError(f"{shard_dir}: the HNSW graph holds {index.ntotal} items, the id map {n}")
+        live = index.ntotal if index.ntotal == n else live_items(index)  # an updated graph holds tombstones
+        if live != n:
+            raise layout.IndexIntegrityError(f"{shard_dir}: the HNSW graph holds {live} items, the id map {n}")
         ef = self.calibrated(number) or (self.manifest.hnsw.ef_search if self.manifest.hnsw else 0)
-        return index, ef or DEFAULT_EF_SEARCH
+        return index, ef or DEFAULT_EF_SEARCH, (None if index.ntotal == n else n)
 
     def search(self, handle: Any, q: np.ndarray, n: int, effort: int) -> tuple[np.ndarray, np.ndarray | None]:
-        index, calibrated = handle
-        return search(index, q, n, effort or max(calibrated, n))
+        index, calibrated, live = handle
+        return search(index, q, n, effort or max(calibrated, n), live)
