@@ -316,7 +316,7 @@ def test_search_k_defaults_to_the_calibrated_value_per_shard(two_builds, tmp_pat
     assert three.annoy.search_k == max(per_shard) > three.annoy.trees * K  # more than Annoy's own default
     shutil.copytree(out / version, tmp_path / version)
     with Searcher(str(tmp_path), version=version, verify=False) as plain:
-        assert [sh.handles["annoy"][1] for sh in plain.shards] == per_shard
+        assert [sh.handles["annoy"].calibrated for sh in plain.shards] == per_shard
         queries = plain.all_vectors()
     manifest = json.loads((tmp_path / version / layout.MANIFEST).read_text())
     for entry in manifest["annoy"]["calibration"]["per_shard"]:
