@@ -37,11 +37,14 @@ log = logging.getLogger(__name__)
 
 
 def update_shard(base_dir: str, out_dir: str, added: ShardItems, removed: Collection[str], number: int,
-                 planes: np.ndarray, params: ShardParams, offsets: np.ndarray | None = None) -> dict[str, Any]:
+                 planes: np.ndarray, params: ShardParams, offsets: np.ndarray | None = None, duplicates: int = 0,
+                 non_finite: int = 0) -> dict[str, Any]:
     """Writes the updated shard into ``out_dir``; returns its SHARD.json content (written last).
 
     ``removed`` are image ids to drop; an id in ``added`` that the base holds replaces it. The
     index types are the base's own; ``params`` gives their parameters and the calibration settings.
+    ``duplicates`` and ``non_finite`` are the night's feature rows of this shard left out, for the
+    accounting (every feature row is an item, a dropped duplicate or a non-finite row).
     """
     if params.local_features:
         raise ValueError("an in-place shard update does not carry local features yet: build the index in full")
@@ -71,6 +74,7 @@ def update_shard(base_dir: str, out_dir: str, added: ShardItems, removed: Collec
     seconds["total"] = round(time.monotonic() - t0, 3)
     info = {
         "shard": number, "items": len(vectors), "dimension": vectors.shape[1],
+        "duplicates_dropped": duplicates, "non_finite_skipped": non_finite,
         "index_types": list(base.index_types),
         **{name: entry for name, entry in entries.items() if entry is not None},
         "lsh_bits": int(planes.shape[1]), "calibration": calibrated, "local_features": None,

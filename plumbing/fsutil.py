@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,12 @@ def write_bytes(path: str, data: bytes) -> None:
     """Writes ``path`` in one go, not atomically: for staging files nothing reads before the job commits."""
     with FileSystems.create(path) as f:
         f.write(data)
+
+
+def upload(local_path: str, dest: str) -> None:
+    """A local file to ``dest`` (any Beam filesystem), streamed: a shard's multi-GB files never sit in memory."""
+    with open(local_path, "rb") as src, FileSystems.create(dest) as dst:
+        shutil.copyfileobj(src, dst, length=8 << 20)
 
 
 def write_npy(path: str, array: Any) -> None:

@@ -163,6 +163,10 @@ class AnnoyType(IndexType):
                             help="build a shard's Annoy in its file (not RAM) above this estimated size")
 
     @classmethod
+    def params_from_record(cls, record: Any) -> Params | None:
+        return Params(trees=record.trees) if record is not None else None
+
+    @classmethod
     def params_from_args(cls, args: Any) -> Params:
         mb = args.annoy_on_disk_mb
         return Params(trees=args.trees, on_disk_bytes=mb << 20 if mb else DEFAULT_ON_DISK_BYTES)

@@ -132,6 +132,11 @@ class IndexType:
         return None
 
     @classmethod
+    def params_from_record(cls, record: Any) -> Any:
+        """The build parameters a built index recorded for this type (its manifest record), or None."""
+        return None
+
+    @classmethod
     def params_from_args(cls, args: Any) -> Any:
         """This type's ``Params`` from the parsed options (its defaults when it has none)."""
         return cls.Params() if cls.Params is not type(None) else None

@@ -194,6 +194,10 @@ class HnswType(IndexType):
                             help="HNSW candidate list while building")
 
     @classmethod
+    def params_from_record(cls, record: Any) -> Params | None:
+        return Params(m=record.m, ef_construction=record.ef_construction) if record is not None else None
+
+    @classmethod
     def params_from_args(cls, args: Any) -> Params:
         return Params(m=args.hnsw_m, ef_construction=args.hnsw_ef_construction)
 

@@ -71,6 +71,10 @@ class LshType(IndexType):
                             help="how LSH hyperplanes are made (itq: learned PCA-ITQ rotation)")
 
     @classmethod
+    def params_from_record(cls, record: Any) -> Params | None:
+        return Params(bits=record.bits, projection=record.method) if record is not None else None
+
+    @classmethod
     def params_from_args(cls, args: Any) -> Params:
         return Params(bits=args.lsh_bits, projection=args.lsh_projection)
 

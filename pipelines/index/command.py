@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from artefacts.manifests import IndexManifest
@@ -9,6 +10,7 @@ from index_builder import augment, calibration
 from index_builder.types import registry
 from index_builder.types.registry import DEFAULT_TYPES as INDEX_TYPES
 from pipelines.index.config import IndexConfig
+from pipelines.index.incremental import run_incremental
 from pipelines.index.job import run
 from pipelines.index.publishing import GATE_SUFFIX, show_measured
 from plumbing import fsutil
@@ -49,6 +51,12 @@ def register(subparsers: Any) -> None:
                     help="JSON lines {\"image_id\": ..., \"expected\": [...]} for expected@K")
     ix.add_argument("--gate-sample", type=positive_int, default=1000,
                     help="leave-one-out queries the gate measures on (seeded)")
+    ix.add_argument("--incremental", action="store_true",
+                    help="update the version LATEST names (or --base) with what changed in the features, instead "
+                         "of building from scratch; builds in full by itself when the base cannot be updated")
+    ix.add_argument("--base", default=None, metavar="VERSION", help="with --incremental: the version to update")
+    ix.add_argument("--full", action="store_true",
+                    help="build from scratch even with --incremental (a scheduled run's override)")
     ix.add_argument("--signing-key", default=None, metavar="FILE",
                     help="sign the version's manifest with HMAC-SHA256 under this key (readers given it refuse others)")
     ix.set_defaults(handler=main, beam=True)
@@ -65,7 +73,12 @@ def main(args: Any, beam_args: list[str]) -> int:
         dba_alpha=args.dba_alpha, graph_k=args.graph_k, local_features=not args.no_local_features,
         gate=args.gate, gate_queries=args.gate_queries, gate_sample=args.gate_sample,
     )
-    manifest = run(cfg, beam_args)
+    if args.base and not args.incremental:
+        raise ValueError("--base names the version --incremental updates: add --incremental")
+    if args.incremental and not args.full:
+        manifest = run_incremental(dataclasses.replace(cfg, base=args.base), run, beam_args)
+    else:
+        manifest = run(cfg, beam_args)
     print_summary(manifest)
     if cfg.gate:
         report = fsutil.read_json(fsutil.join(cfg.output, manifest.version + GATE_SUFFIX))

@@ -40,6 +40,8 @@ class IndexConfig:
     gate: str = ""  # quality conditions the version must meet before LATEST moves ('map>=0.5,recall@10>=0.95')
     gate_queries: str | None = None  # JSON lines {"image_id", "expected"} for expected@K
     gate_sample: int = 1000  # leave-one-out queries the gate measures on
+    base: str | None = None  # --incremental: the version to update (default: the one LATEST names)
+    incremental: dict[str, Any] | None = None  # what --incremental decided, recorded in the manifest
 
     def validate(self) -> None:
         """Raises ValueError on settings no build could honour, before any file is read or written."""

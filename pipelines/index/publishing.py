@@ -157,6 +157,8 @@ def _manifest(cfg: IndexConfig, version: str, features_manifest: FeaturesManifes
               elapsed: float, metrics: dict[str, int] | None, transform: VectorTransform | None, extras: Extras,
               infos: list[ShardRecord], files: dict[str, FileDigest], accounting: Accounting) -> IndexManifest:
     has_projection = transform is not None and transform.projection is not None
+    types = _type_params(cfg, infos)
+    extra = {**types.pop("extra", {}), **({"incremental": cfg.incremental} if cfg.incremental else {})}
     return IndexManifest(
         version=version,
         created_utc=utc_now(),
@@ -176,7 +178,7 @@ def _manifest(cfg: IndexConfig, version: str, features_manifest: FeaturesManifes
         model=features_manifest.model,
         model_fingerprint=features_manifest.model_fingerprint,
         features_run_id=features_manifest.run_id,
-        **_type_params(cfg, infos),
+        **types,
         metrics=metrics or {},
         elapsed_seconds=round(elapsed, 3),
         bytes=sum(f.bytes for f in files.values()),
@@ -185,6 +187,7 @@ def _manifest(cfg: IndexConfig, version: str, features_manifest: FeaturesManifes
         dba=extras.dba,
         graph=extras.graph,
         local_features=_local_features(extras.local, infos),
+        extra=extra,
     )
 
 
