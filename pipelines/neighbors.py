@@ -28,6 +28,9 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from artefacts import layout
@@ -65,6 +68,7 @@ class NeighborsConfig:
     num_shards: int = 0  # output files; 0 lets the runner decide
     verify: bool = True
     signing_key: bytes | None = None  # checked on the launcher; workers get the manifest's digest, not the key
+    incremental: bool = False  # recompute only the rows the index's last in-place update can have changed
 
 
 # -- the job ----------------------------------------------------------------------------------------
@@ -89,13 +93,16 @@ class NeighborsFn(beam.DoFn):
                                   manifest_sha256=self._manifest_sha256)
         self._dups = DuplicateGroups(self._searcher.sha256, self._searcher.image_ids)
 
-    def process(self, chunk: tuple[int, int, int]):
-        shard, start, end = chunk
-        base = int(self._searcher.offsets[shard])
-        for lo in range(start, end, self._opts.batch_size):
-            hi = min(lo + self._opts.batch_size, end)
+    def process(self, chunk: tuple[int, int, int] | list[int]):
+        """A (shard, start, end) range of a full table, or the global ids of rows an update changed."""
+        if isinstance(chunk, list):
+            gids = np.asarray(chunk, np.int64)
+        else:
+            shard, start, end = chunk
+            gids = np.arange(start, end, dtype=np.int64) + int(self._searcher.offsets[shard])
+        for lo in range(0, len(gids), self._opts.batch_size):
             t0 = time.perf_counter()
-            table = neighbor_table(self._searcher, np.arange(base + lo, base + hi), self._opts, self._dups)
+            table = neighbor_table(self._searcher, gids[lo:lo + self._opts.batch_size], self._opts, self._dups)
             self._batch_ms.update(int((time.perf_counter() - t0) * 1000))
             self._rows.inc(table.num_rows)
             self._with_dups.inc(sum(1 for c in table.column("duplicate_count").to_pylist() if c))
@@ -121,11 +128,16 @@ def run(cfg: NeighborsConfig, beam_args: list[str] | None = None) -> NeighborsMa
                          "with --graph-k K (e.g. 20)")
     available = ("exact", *index_manifest.index_types)
     cfg.options = dataclasses.replace(cfg.options, search=cfg.options.search.resolve(available))
-    work = chunks(list(index_manifest.items_per_shard or _items_per_shard(cfg.index, version, index_manifest)),
-                  cfg.chunk_size)
     run_id = new_run_id()
     staging = protocol.staging_dir(cfg.output, run_id)
     started = time.time()
+    update = incremental_rows(cfg, version, index_manifest) if cfg.incremental else None
+    if update is None or update.recompute is None:
+        work = chunks(list(index_manifest.items_per_shard or _items_per_shard(cfg.index, version, index_manifest)),
+                      cfg.chunk_size)
+    else:
+        work = [update.recompute[i:i + cfg.chunk_size].tolist()
+                for i in range(0, len(update.recompute), cfg.chunk_size)]
     log.info("neighbors of %d items of %s/%s in %d chunks -> %s (run %s)", index_manifest.items, cfg.index,
              version, len(work), cfg.output, run_id)
     p = beam.Pipeline(options=pipeline_options(beam_args))
@@ -142,10 +154,83 @@ def run(cfg: NeighborsConfig, beam_args: list[str] | None = None) -> NeighborsMa
     try:
         result = p.run()
         result.wait_until_finish()
-        return publish(cfg, run_id, staging, version, index_manifest, time.time() - started, result)
+        if update is not None:
+            update.stage_copied(staging)
+        return publish(cfg, run_id, staging, version, index_manifest, time.time() - started, result, update)
     except BaseException:
         protocol.discard_staging(staging)
         raise
+
+
+@dataclasses.dataclass
+class Update:
+    """An incremental run's plan: rows to compute (global ids; None: all of them), rows copied, the record."""
+
+    recompute: np.ndarray | None
+    copied: int
+    record: dict[str, Any]
+    kept: Any = None  # the previous table's rows that are copied (a pyarrow Table)
+
+    def stage_copied(self, staging: str) -> None:
+        """The copied rows as one more staged part; after the pipeline ran, whose sink clears its own prefix."""
+        if self.kept is None:
+            return
+        sink = pa.BufferOutputStream()
+        pq.write_table(self.kept, sink, compression="snappy")
+        fsutil.write_bytes(fsutil.join(staging, PARTS, "part-copied-00000-of-00001.parquet"),
+                           sink.getvalue().to_pybytes())
+
+
+def incremental_rows(cfg: NeighborsConfig, version: str, index_manifest: IndexManifest) -> Update:
+    """The previous table's rows that cannot have changed, and which rows to compute.
+
+    Possible when the table in ``cfg.output`` was made with the same options from the version this
+    one was updated from in place; otherwise every row is computed, and the record says why.
+    """
+    from search.neighbor_changes import rows_to_recompute
+
+    reason = _why_full(cfg, version, index_manifest)
+    if reason is not None:
+        log.warning("computing every neighbour row: %s", reason)
+        return Update(None, 0, {"decision": "full", "reason": reason})
+    base = index_manifest.extra["incremental"]["base"]
+    root = index_files.localise(cfg.index, version)
+    base_ids = _base_ids(index_files.localise(cfg.index, base), base)
+    previous = read_neighbors(cfg.output)
+    with Searcher(root, version=version, verify=False) as searcher:
+        changes = rows_to_recompute(searcher, previous, base_ids, cfg.options.search.k, cfg.options.search)
+    kept = previous.filter(pc.is_in(previous.column("image_id"), value_set=pa.array(sorted(changes.keep))))
+    record = {"decision": "incremental", "base_version": base, "rows_copied": kept.num_rows,
+              "rows_computed": len(changes.recompute), "selected": changes.reasons}
+    log.info("neighbors --incremental: %d rows copied, %d to compute (%s)", kept.num_rows, len(changes.recompute),
+             ", ".join(f"{k} {v}" for k, v in changes.reasons.items()))
+    return Update(changes.recompute, kept.num_rows, record, kept)
+
+
+def _why_full(cfg: NeighborsConfig, version: str, index_manifest: IndexManifest) -> str | None:
+    """Why the previous table cannot be updated (None: it can)."""
+    path = fsutil.join(cfg.output, protocol.MANIFEST)
+    if not fsutil.exists(path):
+        return f"{cfg.output} holds no previous table"
+    previous = protocol.read_manifest(path, NeighborsManifest)
+    night = (index_manifest.extra or {}).get("incremental") or {}
+    if night.get("decision") != "incremental" or night.get("base") != previous.index.version:
+        return (f"{version} was not updated in place from {previous.index.version}, the version the previous table "
+                "was made from")
+    options = {**cfg.options.search.to_dict(), "max_duplicates": cfg.options.max_duplicates}
+    if any(previous.options.get(key) != value for key, value in options.items()):
+        return "the previous table was made with other search options"
+    return None
+
+
+def _base_ids(root: str, version: str) -> dict[str, str]:
+    """image_id → sha256 of a version's items, from its id maps."""
+    out: dict[str, str] = {}
+    folder = os.path.join(root, version)
+    for name in sorted(os.listdir(os.path.join(folder, "shards"))):
+        idmap = pq.read_table(os.path.join(folder, "shards", name, layout.IDMAP_FILE), columns=["image_id", "sha256"])
+        out.update(zip(idmap.column("image_id").to_pylist(), idmap.column("sha256").to_pylist(), strict=True))
+    return out
 
 
 def _items_per_shard(index: str, version: str, manifest: IndexManifest) -> list[int]:
@@ -155,12 +240,17 @@ def _items_per_shard(index: str, version: str, manifest: IndexManifest) -> list[
 
 
 def publish(cfg: NeighborsConfig, run_id: str, staging: str, version: str, index_manifest: IndexManifest,
-            elapsed: float, result: Any) -> NeighborsManifest:
+            elapsed: float, result: Any, update: Any = None) -> NeighborsManifest:
     """Refuses a table whose rows are not one per indexed item; else moves the parts in and commits."""
     staged = protocol.count_staged(staging, [PARTS], run_id)
     total = sum(part.rows for _, part in staged[PARTS])
     counters = job_metrics.collect(result, ("cbir_neighbors",), distributions=False)
-    checked = {"indexed items": index_manifest.items, "rows (counter)": counters.get("rows"), "rows written": total}
+    computed = counters.get("rows")
+    copied = update.copied if update is not None else 0
+    checked = {"indexed items": index_manifest.items,
+               "rows (counter)" if not copied else "rows computed (counter) + copied":
+                   None if computed is None else computed + copied,
+               "rows written": total}
     protocol.check_counts("neighbors", checked)
     manifest = NeighborsManifest(
         run_id=run_id,
@@ -177,6 +267,7 @@ def publish(cfg: NeighborsConfig, run_id: str, staging: str, version: str, index
         items_per_second=round(total / elapsed, 2) if elapsed > 0 else None,
         files=[part for _, part in staged[PARTS]],
         accounting=Accounting("upstream manifest", index_manifest.shards, index_manifest.items, checked),
+        extra={"incremental": update.record} if update is not None else {},
     )
     protocol.commit(cfg.output, manifest, protocol.part_moves(cfg.output, staged), staging,
                     stale=protocol.stale_parts(cfg.output, [PARTS], [f.path for f in manifest.files]))
@@ -209,6 +300,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-duplicates", type=non_negative_int, default=100, help="duplicate_ids listed per row")
     p.add_argument("--num-files", type=non_negative_int, default=0, help="output files (default: the runner decides)")
     p.add_argument("--no-verify", action="store_true", help="workers check file sizes only, not digests")
+    p.add_argument("--incremental", action="store_true",
+                   help="recompute only the rows the index's last in-place update (cbir index --incremental) can "
+                        "have changed and copy the rest from the table in --output; in full when that is not possible")
     add_signing_arg(p)
     p.set_defaults(handler=main, beam=True)
 
@@ -220,7 +314,7 @@ def main(args: argparse.Namespace, beam_args: list[str]) -> int:
                            max_duplicates=args.max_duplicates)
     cfg = NeighborsConfig(index=args.index, output=args.output, version=args.version, options=opts,
                           chunk_size=args.chunk_size, num_shards=args.num_files, verify=not args.no_verify,
-                          signing_key=signing_key(args))
+                          signing_key=signing_key(args), incremental=args.incremental)
     m = run(cfg, beam_args)
     dups = m.counts.rows_with_duplicates
     so = opts.search

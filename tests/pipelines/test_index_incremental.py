@@ -21,10 +21,12 @@ import pytest
 from artefacts import layout
 from artefacts.manifests import ExtractCounts, PartFile, new_run_id
 from index_builder.types import annoy as annoy_type
-from pipelines import cli, index
+from pipelines import cli, index, neighbors
 from pipelines.index.incremental import IncrementalRefusedError, run_incremental
 from plumbing import publish
 from search import index_files
+from search.neighbors import NeighborOptions
+from search.options import SearchOptions
 from search.searcher import Searcher
 from transforms.feature_sets import feature_files, read_features_manifest
 
@@ -151,3 +153,30 @@ def test_a_night_the_fit_no_longer_describes_is_built_in_full_and_says_why(tmp_p
     assert record["decision"] == "full" and "energy" in record["reason"]
     assert set(record["energy_kept"]) == {"new", "unchanged"} and 0 < record["energy_kept"]["new"] <= 1
     assert manifest.items == flowers_index[1].items - REMOVED + ADDED and manifest.shards == flowers_index[1].shards
+
+
+def test_an_incremental_table_equals_a_full_one_and_copies_what_cannot_change(tmp_path, flowers_features,
+                                                                             flowers_index):
+    out = tmp_path / "index"
+    shutil.copytree(flowers_index[0], out)
+    exact = NeighborOptions(search=SearchOptions(k=5, method="exact", batch_size=64))
+    table = tmp_path / "table"
+    neighbors.run(neighbors.NeighborsConfig(index=str(out), output=str(table), options=exact))  # last night's
+    removed, changed, final = _night(flowers_features[0], tmp_path / "night")
+    run_incremental(index.IndexConfig(features=str(tmp_path / "night"), output=str(out), dims=128), index.run)
+    m = neighbors.run(neighbors.NeighborsConfig(index=str(out), output=str(table), options=exact, incremental=True))
+    full = tmp_path / "full"
+    neighbors.run(neighbors.NeighborsConfig(index=str(out), output=str(full), options=exact))
+    record = m.extra["incremental"]
+    assert record["decision"] == "incremental" and 0 < record["rows_computed"] < len(final)
+    assert record["rows_copied"] + record["rows_computed"] == m.counts.rows == len(final)
+    got = {r["image_id"]: r for r in neighbors.read_neighbors(str(table)).to_pylist()}
+    want = {r["image_id"]: r for r in neighbors.read_neighbors(str(full)).to_pylist()}
+    assert got.keys() == want.keys() == final.keys()
+    for image_id, row in want.items():  # exact search: the same cosines (twins may swap places at a tie)
+        assert np.allclose(got[image_id]["scores"], row["scores"], atol=1e-4), image_id
+    assert not {n for r in got.values() for n in r["neighbor_ids"]} & set(removed)
+    # a second run with nothing new to apply computes every row and says why
+    again = neighbors.run(neighbors.NeighborsConfig(index=str(out), output=str(table), options=exact,
+                                                    incremental=True))
+    assert again.extra["incremental"]["decision"] == "full" and again.counts.rows == len(final)
