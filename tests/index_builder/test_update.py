@@ -141,3 +141,21 @@ def test_local_features_are_refused_with_the_fix(nights, tmp_path):
     with pytest.raises(ValueError, match="build the index in full"):
         update_shard(str(root / "night1"), str(tmp_path / "x"), _items([], np.zeros((0, DIM), np.float32)), [], 0,
                      planes, ShardParams(local_features=True), offsets)
+
+
+def test_a_graph_with_tombstones_searches_safely_from_many_threads(nights):
+    """faiss swaps a translating selector into the parameters during an IndexIDMap search: shared
+    parameters crashed two-thread calibration (a use after free). Each search now has its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, planes, offsets, _, final, gone = nights
+    opened, handle, ids, _ = _open(root / "night1", planes, offsets, "hnsw")
+    queries = np.stack([final[i] for i in sorted(final)[:64]])
+
+    def one(i: int) -> set[str]:
+        found, _ = opened.search(handle, queries[i % 64:i % 64 + 1], K, 32)
+        return {ids[j] for j in found[0] if j >= 0}
+
+    with ThreadPoolExecutor(4) as pool:
+        seen = set().union(*pool.map(one, range(2000)))
+    assert seen and not seen & (gone - set(final))
