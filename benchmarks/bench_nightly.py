@@ -278,7 +278,7 @@ def _report(results: dict[str, Any], args) -> str:
         "",
         table,
         "",
-        "Seven 1 % nights in a row on the 1 % night (each night applied to the previous night's version):",
+        f"{args.nights} nights of 1 % in a row on the 1 % night (each applied to the previous night's version):",
         "",
         nights,
         "",
