@@ -169,6 +169,14 @@ def _mean_and_margin(recalls: np.ndarray) -> tuple[float, float]:
     return mean, half
 
 
+def starting_at(grid: Sequence[int], effort: int | None) -> list[int]:
+    """``grid`` from ``effort`` up (``effort`` first): an update re-measures the effort its shard had and
+    walks up only when that no longer reaches the target, instead of walking the whole grid again."""
+    if not effort:
+        return list(grid)
+    return [int(effort), *[e for e in grid if e > effort]]
+
+
 def geometric_grid(start: int, stop: int, factor: float = 1.5) -> list[int]:
     """Increasing integers from ``start`` to ``stop`` (both included), each about ``factor`` times the last."""
     start, stop = max(1, int(start)), max(1, int(stop))

@@ -62,6 +62,7 @@ def update_shard(base_dir: str, out_dir: str, added: ShardItems, removed: Collec
     _write_idmap(idmap.filter(pa.array(keep)), added, out_dir)
     build = _shard_build(vectors, number, out_dir, planes, offsets, params,
                          ShardChange(base_dir, remap, added.size))
+    build.earlier = base.calibration
     seconds: dict[str, float] = {}
     entries = {}
     for name in base.index_types:

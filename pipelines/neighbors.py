@@ -56,6 +56,9 @@ from transforms import features_io
 log = logging.getLogger(__name__)
 
 PARTS = "neighbors"
+# Above this share of rows to compute, an incremental table costs more than a full one: measured at 1M items,
+# a 10 % churn night selected 67 % of the rows and took 304 s against 251 s for the full table (bench_nightly).
+FULL_ABOVE = 0.4
 
 
 @dataclasses.dataclass
@@ -187,7 +190,7 @@ def incremental_rows(cfg: NeighborsConfig, version: str, index_manifest: IndexMa
     Possible when the table in ``cfg.output`` was made with the same options from the version this
     one was updated from in place; otherwise every row is computed, and the record says why.
     """
-    from search.neighbor_changes import rows_to_recompute
+    from search.neighbor_changes import patch_rows, rows_to_recompute
 
     reason = _why_full(cfg, version, index_manifest)
     if reason is not None:
@@ -199,7 +202,13 @@ def incremental_rows(cfg: NeighborsConfig, version: str, index_manifest: IndexMa
     previous = read_neighbors(cfg.output)
     with Searcher(root, version=version, verify=False) as searcher:
         changes = rows_to_recompute(searcher, previous, base_ids, cfg.options.search.k, cfg.options.search)
+    if len(changes.recompute) > FULL_ABOVE * index_manifest.items:
+        reason = (f"{len(changes.recompute):,} of {index_manifest.items:,} rows would be computed again: above "
+                  f"{FULL_ABOVE:.0%}, a full table costs less")
+        log.warning("computing every neighbour row: %s", reason)
+        return Update(None, 0, {"decision": "full", "reason": reason, "selected": changes.reasons})
     kept = previous.filter(pc.is_in(previous.column("image_id"), value_set=pa.array(sorted(changes.keep))))
+    kept = patch_rows(kept, changes.patched, cfg.options.search.k)
     record = {"decision": "incremental", "base_version": base, "rows_copied": kept.num_rows,
               "rows_computed": len(changes.recompute), "selected": changes.reasons}
     log.info("neighbors --incremental: %d rows copied, %d to compute (%s)", kept.num_rows, len(changes.recompute),

@@ -11,8 +11,11 @@ item that stayed keeps its vector, so a row changes only when:
    ``REACH``·k nearest by the table's own method, approximate only in how far that search reaches;
 4. its exact duplicates changed (an item with the same sha256 came or went).
 
-Every other row is copied from the previous table. Items and neighbours are named by
-``image_id``, which does not change between versions, so copied rows stay valid.
+A row selected by rule 3 alone needs no search: its old neighbours are all still there with the
+same scores, so its new row is the old one merged with the new items that beat its k-th score
+(their scores come with the test). Those rows are *patched*; rows selected by rules 1, 2 or 4
+are computed again. Every other row is copied from the previous table. Items and neighbours are
+named by ``image_id``, which does not change between versions, so copied rows stay valid.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from index_builder.topk import normalise_rows
 from search.options import SearchOptions
 from search.searcher import Searcher
 
@@ -32,8 +36,28 @@ REACH = 4  # a new item is searched for its REACH·k nearest items when looking 
 @dataclasses.dataclass
 class RowChanges:
     recompute: np.ndarray  # global ids (in the new version) whose rows are computed again
-    keep: set[str]  # image ids whose previous rows are copied
+    keep: set[str]  # image ids whose previous rows are copied (patched ones included)
     reasons: dict[str, int]  # how many rows each rule selected (a row may be selected by several)
+    patched: dict[str, list[tuple[str, float]]] = dataclasses.field(default_factory=dict)  # row -> entrants
+
+
+def patch_rows(kept: pa.Table, patched: dict[str, list[tuple[str, float]]], k: int) -> pa.Table:
+    """Copied rows with the new items that entered them merged in by score (best k kept).
+
+    Only the patched rows become Python objects; the rest stay Arrow columns.
+    """
+    if not patched:
+        return kept
+    mask = pc.is_in(kept.column("image_id"), value_set=pa.array(sorted(patched), pa.string()))
+    rows = kept.filter(mask).to_pylist()
+    for row in rows:
+        merged = list(zip(row["neighbor_ids"], row["scores"], row["duplicate"], strict=True))
+        merged += [(name, score, False) for name, score in patched[row["image_id"]]]  # a twin's row is computed
+        merged.sort(key=lambda t: (-t[1], t[0]))
+        row["neighbor_ids"] = [m[0] for m in merged[:k]]
+        row["scores"] = [float(m[1]) for m in merged[:k]]
+        row["duplicate"] = [m[2] for m in merged[:k]]
+    return pa.concat_tables([kept.filter(pc.invert(mask)), pa.Table.from_pylist(rows, schema=kept.schema)])
 
 
 def rows_to_recompute(searcher: Searcher, previous: pa.Table, base_ids: dict[str, str], k: int,
@@ -50,12 +74,16 @@ def rows_to_recompute(searcher: Searcher, previous: pa.Table, base_ids: dict[str
     entered = _rows_entered(searcher, previous, sorted(new), k, opts)
     digests = {base_ids[i] for i in gone} | {current[i] for i in new}
     twins = {i for i, d in current.items() if d and d in digests} - new
-    chosen = (new | listed | entered | twins) & set(current)
+    chosen = (new | listed | twins) & set(current)
+    if opts.rerank.verify:  # a patched row would lack the entrants' inlier counts: compute those rows too
+        chosen |= set(entered) & set(current)
     gid = {name: g for g, name in enumerate(searcher.image_ids)}
     recompute = np.asarray(sorted(gid[i] for i in chosen), np.int64)
     keep = set(current) - chosen
+    patched = {name: found for name, found in entered.items() if name in keep}
     return RowChanges(recompute, keep, {"new or changed": len(new), "listed a removed or changed item": len(listed),
-                                        "a new item entered": len(entered), "duplicates changed": len(twins)})
+                                        "a new item entered": len(entered), "duplicates changed": len(twins),
+                                        "patched without a search": len(patched)}, patched)
 
 
 def _rows_listing(previous: pa.Table, gone: set[str]) -> set[str]:
@@ -68,10 +96,11 @@ def _rows_listing(previous: pa.Table, gone: set[str]) -> set[str]:
     return set(previous.column("image_id").take(pa.array(rows, pa.int64())).to_pylist())
 
 
-def _rows_entered(searcher: Searcher, previous: pa.Table, new: list[str], k: int, opts: SearchOptions) -> set[str]:
-    """Items whose current k-th score a new item beats (see the module docstring)."""
+def _rows_entered(searcher: Searcher, previous: pa.Table, new: list[str], k: int, opts: SearchOptions
+                  ) -> dict[str, list[tuple[str, float]]]:
+    """Per item whose current k-th score some new items beat: those new items and their scores."""
     if not new:
-        return set()
+        return {}
     kth = {}
     for name, scores in zip(previous.column("image_id").to_pylist(), previous.column("scores").to_pylist(),
                             strict=True):
@@ -81,23 +110,29 @@ def _rows_entered(searcher: Searcher, previous: pa.Table, new: list[str], k: int
         return _entered_exactly(searcher, kth, gids)
     ids, scores = searcher.search_arrays(searcher.vectors_of(gids), opts.replace(k=REACH * k), exclude=gids)
     names = searcher.image_ids
-    out = set()
-    for row_ids, row_scores in zip(ids, scores, strict=True):
-        for g, s in zip(row_ids.tolist(), row_scores.tolist(), strict=True):
-            if g >= 0 and s >= kth.get(names[g], -np.inf):
-                out.add(names[g])
+    out: dict[str, list[tuple[str, float]]] = {}
+    for query, x, row_ids in zip(new, gids.tolist(), ids, strict=True):
+        found = row_ids[row_ids >= 0]
+        # row r scores x with r's normalised vector against x's stored one: the search from x scored the reverse
+        exact = normalise_rows(searcher.vectors_of(found)) @ searcher.vectors_of(np.asarray([x]))[0]
+        for g, s in zip(found.tolist(), exact.tolist(), strict=True):
+            if s >= kth.get(names[g], -np.inf):
+                out.setdefault(names[g], []).append((query, s))
     return out
 
 
-def _entered_exactly(searcher: Searcher, kth: dict[str, float], new: np.ndarray, block: int = 65536) -> set[str]:
-    """Every item some new item beats the k-th score of: all items against all new ones, a block at a time."""
+def _entered_exactly(searcher: Searcher, kth: dict[str, float], new: np.ndarray, block: int = 65536
+                     ) -> dict[str, list[tuple[str, float]]]:
+    """Every item some new item beats the k-th score of, with those new items: all against all, in blocks."""
     queries = searcher.vectors_of(new)
     names = searcher.image_ids
     threshold = np.asarray([kth.get(n, -np.inf) for n in names], np.float32)
-    out: set[str] = set()
+    out: dict[str, list[tuple[str, float]]] = {}
     for lo in range(0, searcher.size, block):
         gids = np.arange(lo, min(lo + block, searcher.size))
-        best = (searcher.vectors_of(gids) @ queries.T).max(axis=1)
-        best[np.isin(gids, new)] = -np.inf  # a new item's own row is recomputed anyway
-        out.update(names[g] for g in gids[best >= threshold[gids]].tolist())
+        sims = normalise_rows(searcher.vectors_of(gids)) @ queries.T  # row r's score of x: as its row computes it
+        sims[np.isin(gids, new)] = -np.inf  # a new item's own row is computed anyway
+        rows, cols = np.nonzero(sims >= threshold[gids][:, None])
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+            out.setdefault(names[int(gids[r])], []).append((names[int(new[c])], float(sims[r, c])))
     return out

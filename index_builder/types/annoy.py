@@ -210,7 +210,9 @@ class AnnoyType(IndexType):
         search = (lambda q, m, search_k: _ids(trees.index, q, m, search_k)) if trees.tree_ids is None else \
             (lambda q, m, search_k: trees.search(q, m, search_k)[0])
         try:
-            grid = calibration.geometric_grid(params.trees * (k + 1), params.trees * n * 2, 1.6)
+            grid = calibration.starting_at(calibration.geometric_grid(params.trees * (k + 1), params.trees * n * 2,
+                                                                      1.6), shard.earlier_effort(cls.name,
+                                                                                                 cls.effort_key))
             found = calibration.calibrate(search, grid, shard.vectors, shard.query_ids, shard.truth(),
                                           shard.settings.target_recall, threads=shard.settings.threads)
         finally:

@@ -85,10 +85,16 @@ class ShardBuild:
     local_rows: Any = None  # pyarrow Table of local-feature rows, or None
     built: dict[str, Any] = dataclasses.field(default_factory=dict)  # type name -> what its build returned
     change: ShardChange | None = None  # set when the shard is updated in place rather than built
+    earlier: dict[str, Any] | None = None  # an updated shard's calibration before the update (SHARD.json's)
 
     @property
     def size(self) -> int:
         return len(self.vectors)
+
+    def earlier_effort(self, name: str, key: str) -> int | None:
+        """The effort type ``name`` had before an in-place update (None for a build, or when it had none)."""
+        entry = (self.earlier or {}).get(name) or {}
+        return int(entry[key]) if entry.get(key) else None
 
     def path(self, name: str) -> str:
         return os.path.join(self.out_dir, name)

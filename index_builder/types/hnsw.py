@@ -256,7 +256,8 @@ class HnswType(IndexType):
                       ) -> dict[str, Any]:
         """The smallest efSearch reaching the target for items the graph does not hold yet."""
         k = shard.settings.calibration_k
-        grid = [e for e in EF_GRID if e >= k + 1]
+        grid = calibration.starting_at([e for e in EF_GRID if e >= k + 1], shard.earlier_effort(cls.name,
+                                                                                                 cls.effort_key))
         truth = calibration.exact_neighbours(shard.vectors, query_ids, k, leave_out_all=True)
         found = calibration.calibrate(lambda q, m, ef: search(index, q, m, ef, live)[0], grid, shard.vectors,
                                       query_ids, truth, shard.settings.target_recall, threads=shard.settings.threads)

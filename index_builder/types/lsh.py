@@ -95,7 +95,8 @@ class LshType(IndexType):
             return None
         scan = lsh.HammingScan(shard.built["lsh_codes"])  # the searcher's own scan: the count means the same there
         k, n = shard.settings.calibration_k, shard.size
-        grid = calibration.geometric_grid(2 * k, n, 1.5)
+        grid = calibration.starting_at(calibration.geometric_grid(2 * k, n, 1.5),
+                                       shard.earlier_effort(cls.name, cls.effort_key))
         found = calibration.calibrate(
             lambda q, m, candidates: _rescored_top(scan, shard.stored, shard.planes, shard.offsets, q, m, candidates),
             grid, shard.vectors, shard.query_ids, shard.truth(), shard.settings.target_recall,
