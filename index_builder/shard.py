@@ -208,12 +208,7 @@ def build_shard(
         raise ValueError(f"LSH hyperplanes are {planes.shape[0]}-d, the vectors {dim}-d")
     np.save(os.path.join(out_dir, layout.VECTORS_FILE), items.vectors.astype(np.float16))
     build = _shard_build(items, shard, out_dir, planes, offsets, params, local_rows)
-    seconds: dict[str, float] = {}
-    entries = {}
-    for name in params.index_types:
-        t1 = time.monotonic()
-        entries[name] = registry.get(name).build(build)
-        seconds[name] = round(time.monotonic() - t1, 3)
+    entries, seconds = run_types(build, params.index_types, "build")
     _write_idmap(items, out_dir)
     local_counts = _write_local(build, params) if params.local_features else None
     t1 = time.monotonic()
@@ -249,6 +244,17 @@ def _shard_build(items: ShardItems, shard: int, out_dir: str, planes: np.ndarray
     return ShardBuild(number=shard, out_dir=out_dir, vectors=items.vectors, planes=planes, offsets=offsets,
                       settings=settings, type_params=dict(params.type_params), query_ids=query_ids,
                       image_ids=items.image_ids, sha256=items.sha256, local_rows=local_rows)
+
+
+def run_types(build: ShardBuild, names: Any, step: str) -> tuple[dict[str, Any], dict[str, float]]:
+    """Each named type's ``build`` or ``update`` on the shard: (SHARD.json entries, seconds per type)."""
+    entries: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    for name in names:
+        t1 = time.monotonic()
+        entries[name] = getattr(registry.get(name), step)(build)
+        seconds[name] = round(time.monotonic() - t1, 3)
+    return entries, seconds
 
 
 def calibrate_built(build: ShardBuild, params: ShardParams, names: Any,

@@ -29,8 +29,7 @@ import pyarrow.parquet as pq
 
 from artefacts import layout
 from artefacts.manifests import ShardRecord
-from index_builder.shard import IDMAP_SCHEMA, ShardItems, ShardParams, calibrate_built, file_digests
-from index_builder.types import registry
+from index_builder.shard import IDMAP_SCHEMA, ShardItems, ShardParams, calibrate_built, file_digests, run_types
 from index_builder.types.base import ShardBuild, ShardChange
 
 log = logging.getLogger(__name__)
@@ -63,12 +62,7 @@ def update_shard(base_dir: str, out_dir: str, added: ShardItems, removed: Collec
     build = _shard_build(vectors, number, out_dir, planes, offsets, params,
                          ShardChange(base_dir, remap, added.size))
     build.earlier = base.calibration
-    seconds: dict[str, float] = {}
-    entries = {}
-    for name in base.index_types:
-        t1 = time.monotonic()
-        entries[name] = registry.get(name).update(build)
-        seconds[name] = round(time.monotonic() - t1, 3)
+    entries, seconds = run_types(build, base.index_types, "update")
     t1 = time.monotonic()
     calibrated = calibrate_built(build, params, base.index_types, earlier=base.calibration)
     seconds["calibration"] = round(time.monotonic() - t1, 3)
