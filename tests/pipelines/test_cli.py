@@ -67,3 +67,30 @@ def test_bad_input_is_one_line_with_exit_2_and_no_tensorflow_chatter(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert str(tmp_path / "index" / "LATEST") in lines[0] and "damaged" in lines[0]
     assert "Traceback" not in proc.stderr and "absl" not in proc.stderr and "cuda" not in proc.stderr.lower()
+
+
+def test_the_command_table_matches_what_the_modules_register():
+    import argparse
+    import importlib
+
+    from pipelines import cli
+
+    registered = {}
+    for module in cli.COMMAND_MODULES:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(module).register(sub)
+        registered.update({a.dest: (module, a.help) for a in sub._choices_actions})
+    assert registered == cli.COMMANDS
+
+
+def test_help_and_a_mistyped_command_answer_without_importing_a_command():
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom pipelines import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit as e:\n"
+             "    code = e.code\n"
+             "heavy = [m for m in ('tensorflow', 'apache_beam', 'pipelines.extract') if m in sys.modules]\n"
+             "print('HEAVY', heavy, 'CODE', code)")
+    for argv, code in ((["--help"], 0), (["indx"], 2), ([], 2)):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+        assert f"HEAVY [] CODE {code}" in out.stdout, out.stdout + out.stderr
