@@ -56,9 +56,11 @@ def reconstruction_sheet_png(rows: list[tuple[str, np.ndarray]], title: str, cel
     """``rows`` = [(name, (n, h, w, 3) images in [0, 1] or uint8)] → one labelled grid, a row per name."""
     label_w, gap, top = 130, 4, 30
     n = max(len(images) for _, images in rows)
-    sheet = Image.new("RGB", (label_w + n * (cell + gap), top + len(rows) * (cell + gap)), "white")
+    font = _font(14)
+    title_w = int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font)) + 12  # never cut the title
+    sheet = Image.new("RGB", (max(label_w + n * (cell + gap), title_w), top + len(rows) * (cell + gap)), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((6, 6), title, fill=(0, 0, 0), font=_font(14))
+    draw.text((6, 6), title, fill=(0, 0, 0), font=font)
     for r, (name, images) in enumerate(rows):
         y = top + r * (cell + gap)
         draw.text((6, y + cell // 2 - 8), name, fill=(0, 0, 0), font=_font(14))
