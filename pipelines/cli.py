@@ -46,6 +46,7 @@ COMMAND_MODULES = (
     "pipelines.top_patches",
     "pipelines.serve",
     "pipelines.compare",
+    "pipelines.reindex",
 )
 
 # Every subcommand, the module that registers it, and its one-line help: what ``cbir --help`` and a mistyped
@@ -75,6 +76,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                     "the corpus patches that excite chosen channels of a layer most (Beam job)"),
     "serve": ("pipelines.serve", "HTTP search API and browser front end over an index (follows LATEST)"),
     "compare": ("pipelines.compare", "two index versions: neighbour churn, recall, label metrics, changes"),
+    "reindex": ("pipelines.reindex",
+                "one command for the night: extract → index → gate → neighbours, resumable, with a report"),
 }
 
 EXIT_UNEXPECTED, EXIT_USAGE, EXIT_TOO_MANY_FAILURES, EXIT_REFUSED, EXIT_GATE = 1, 2, 3, 4, 5

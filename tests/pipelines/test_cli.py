@@ -16,7 +16,7 @@ def test_every_command_registers_with_a_handler():
     commands = parser.parse_args(["query", "--index", "i", "x.jpg"]).subcommands
     assert set(commands) == {"extract", "index", "query", "neighbors", "evaluate", "shard", "export-model",
                              "autoencode", "train-autoencoder", "denoise", "projector", "filters", "dream",
-                             "explain", "map", "adversarial", "top-patches", "serve", "compare"}
+                             "explain", "map", "adversarial", "top-patches", "serve", "compare", "reindex"}
     for name, sub in commands.items():
         defaults = {a.dest: a.default for a in sub._actions}  # noqa: SLF001
         assert callable(sub.get_default("handler")), name
