@@ -25,11 +25,13 @@ from typing import Any
 
 import apache_beam as beam
 
-from artefacts.manifests import ExtractCounts, FeaturesManifest, new_run_id, utc_now
+from artefacts.manifests import Accounting, ExtractCounts, FeaturesManifest, new_run_id, utc_now
 from models.backbone.imaging import DEFAULT_MAX_PIXELS
 from models.backbone.network import ModelSpec
+from pipelines import extract_reuse as reuse
 from pipelines.runner import pipeline_options
 from plumbing import fsutil, job_metrics, publish
+from plumbing.lease import Lease
 from plumbing.progress import LogProgressFn
 from transforms import features_io
 from transforms.decode import DecodeFn
@@ -38,14 +40,14 @@ from transforms.incremental import ReuseFeatures, reusable
 from transforms.inference import BatchingOptions, ExtractFeatures
 from transforms.local_features import LocalFeaturesFn, WriteLocalParquet
 from transforms.readers import InputSpec, ListedFile, ReadImages, write_listing
-from transforms.readers.accounting import count_inputs, write_tallies
+from transforms.readers.accounting import unit_rows, write_tallies
 from transforms.records import FAILURES_TAG
 
 log = logging.getLogger(__name__)
 
 KINDS = ("features", "failures")
 LOCAL_KIND = "local"  # --local-features: <out>/local/part-*.parquet
-ALL_KINDS = (*KINDS, LOCAL_KIND)
+ALL_KINDS = (*KINDS, LOCAL_KIND, "inputs")
 
 
 class TooManyFailuresError(RuntimeError):
@@ -70,6 +72,9 @@ class ExtractConfig:
     decode_threads: int = 0  # 0: one per core (transforms.decode)
     allow_uri_prefixes: tuple[str, ...] = ()  # parquet: uri cells read only under these (and relative ones)
     local_features: int = 0  # up to this many SIFT keypoints per image for geometric verification (0: none)
+    verify_digests: bool = False  # read and hash every input, even those whose listing metadata is unchanged
+    commit_every: int = 10_000  # inputs per committed chunk (what a kill can cost); 0: one chunk
+    stale_after_seconds: float = 24 * 3600  # a run holding the output's lease this long is dead
 
 
 def build(
@@ -136,31 +141,126 @@ def _feature_dim(spec: ModelSpec) -> int:
 
 
 def run(cfg: ExtractConfig, beam_args: list[str] | None = None) -> FeaturesManifest:
-    """Runs the job to completion and publishes it; returns the manifest."""
+    """Runs the job to completion and publishes it; returns the manifest.
+
+    The inputs no committed run knows unchanged are read in chunks of ``commit_every``, each a pipeline
+    whose rows are committed under ``<out>/_resume/`` when it ends: a re-run after a kill continues from
+    there. One run per output at a time (a lease that lapses, so a crash never blocks the next night).
+    """
     spec = InputSpec.parse(cfg.input, cfg.allow_uri_prefixes)
     listed = spec.list()  # the count everything must add up to; fails at launch when empty
     model_desc = cfg.model.describe()  # resolves weights here: a missing file fails before any work
     model_desc["reduced_decode"] = cfg.reduced_decode  # the query path decodes the same way
-    previous_files = _reusable_files(cfg)
     dim = _feature_dim(cfg.model)  # once: for a SavedModel this loads the model on the launcher
     _preflight_runtime(cfg.model)
     run_id = new_run_id()
-    staging = publish.staging_dir(cfg.output, run_id)
-    started = time.time()
-    listing = write_listing(staging, listed)
-    log.info("extract %d %s from %s -> %s with %s (run %s)", len(listed), "shards" if spec.is_shards else "files",
-             cfg.input, cfg.output, cfg.model.name, run_id)
-    p = beam.Pipeline(options=pipeline_options(beam_args))
-    build(p, cfg, spec, listing, staging, dim, previous_files)
-    try:
-        result = p.run()
-        result.wait_until_finish()
-        manifest = publish_run(cfg, spec, listed, run_id, staging, model_desc, dim, time.time() - started, result)
-    except BaseException:
-        publish.discard_staging(staging)
-        raise
+    with Lease(cfg.output, run_id, cfg.stale_after_seconds, what="extract"):
+        manifest = _run_leased(cfg, spec, listed, model_desc, dim, run_id, beam_args)
     _check_failure_fraction(manifest, cfg.max_failure_fraction)
     return manifest
+
+
+def _run_leased(cfg: ExtractConfig, spec: InputSpec, listed: list[ListedFile], model_desc: dict[str, Any],
+                dim: int, run_id: str, beam_args: list[str] | None) -> FeaturesManifest:
+    staging = publish.staging_dir(cfg.output, run_id)
+    started = time.time()
+    key = reuse.settings_key(_settings(cfg))
+    previous, digest_from_all = _previous(cfg)
+    resumed = None if cfg.local_features else reuse.resume_source(cfg.output, key)
+    sources = [s for s in (resumed, previous) if s is not None and not cfg.verify_digests]
+    plan = reuse.plan(listed, sources, spec.root)
+    log.info("extract %d %s from %s -> %s with %s (run %s): %d carried unread (%s), %d to read", len(listed),
+             "shards" if spec.is_shards else "files", cfg.input, cfg.output, cfg.model.name, run_id,
+             len(plan.carried), ", ".join(f"{k} {v}" for k, v in plan.by_source.items()) or "nothing to carry from",
+             len(plan.to_read))
+    try:
+        reuse.carry(plan, staging)
+        digests = digest_from_all if cfg.verify_digests or previous is None else reuse.digest_candidates(
+            plan, previous, staging)
+        metrics, units = _read_in_chunks(cfg, spec, plan.to_read, run_id, staging, dim, digests, key, beam_args)
+        units.update({u: (*source.units[u][:2], rows) for u, (source, rows) in plan.carried.items()})
+        metrics.update({"reused_by_metadata": len(plan.carried), "reused_by_metadata_rows": plan.carried_rows,
+                        **{f"carried_from_{k}": v for k, v in plan.by_source.items()}})
+        manifest = publish_run(cfg, spec, listed, run_id, staging, model_desc, dim, time.time() - started, metrics,
+                               units, plan.carried_rows)
+    except BaseException:
+        publish.discard_staging(staging)  # committed chunks stay under _resume/ for the next run
+        raise
+    fsutil.delete_tree(fsutil.join(cfg.output, reuse.RESUME))
+    return manifest
+
+
+def _settings(cfg: ExtractConfig) -> dict[str, Any]:
+    """Everything a row depends on besides the input's bytes."""
+    return {"input": cfg.input, "model": cfg.model.fingerprint(), "dtype": cfg.feature_dtype,
+            "precision": cfg.model.precision, "reduced_decode": cfg.reduced_decode, "max_pixels": cfg.max_pixels,
+            "local_features": cfg.local_features, "uri_prefixes": list(cfg.allow_uri_prefixes)}
+
+
+def _previous(cfg: ExtractConfig) -> tuple[reuse.Source | None, list[str]]:
+    """``--previous`` as a source of carried rows, and all its feature files (for reuse by digest alone)."""
+    files = _reusable_files(cfg)
+    if not files:
+        return None, []
+    if cfg.local_features:
+        log.warning("--local-features: inputs are read again (their keypoints are not carried), features are "
+                    "reused by content digest")
+        return None, files
+    return reuse.previous_source(cfg.previous, read_features_manifest(cfg.previous)), files
+
+
+def _read_in_chunks(cfg: ExtractConfig, spec: InputSpec, to_read: list[ListedFile], run_id: str, staging: str,
+                    dim: int, digests: list[str], key: str, beam_args: list[str] | None
+                    ) -> tuple[dict[str, Any], dict[str, tuple[int, float | None, int]]]:
+    """Runs one pipeline per chunk, commits each, then stages this run's chunks; (summed metrics, unit rows)."""
+    metrics: dict[str, Any] = {}
+    units: dict[str, tuple[int, float | None, int]] = {}
+    if not to_read:
+        return {"read": 0}, units
+    size = cfg.commit_every or len(to_read)
+    chunks = [to_read[i:i + size] for i in range(0, len(to_read), size)]
+    for n, chunk in enumerate(chunks):
+        log.info("chunk %d of %d: %d inputs", n + 1, len(chunks), len(chunk))
+        metrics = job_metrics.add(metrics, _run_chunk(cfg, spec, chunk, f"{run_id}-{n:05d}", staging, dim, digests, key,
+                                                      beam_args))
+    # only now, every chunk committed, do this run's rows move into its staging (a kill before leaves them
+    # in _resume/ for the next run; one after, which loses them, costs that run a re-read, never a wrong row)
+    kinds = (*KINDS, LOCAL_KIND) if cfg.local_features else KINDS
+    for n in range(len(chunks)):
+        folder = fsutil.join(cfg.output, reuse.RESUME, "chunks", f"{run_id}-{n:05d}")
+        units.update(reuse.read_units([fsutil.join(folder, "inputs.parquet")]))
+        for kind in kinds:
+            parts = fsutil.match(fsutil.join(folder, kind, "part-*.parquet"))
+            fsutil.move(parts, [fsutil.join(staging, kind, f"part-c{n:05d}-{p.rsplit('/', 1)[-1][5:]}")
+                                for p in parts])
+    return metrics, units
+
+
+def _run_chunk(cfg: ExtractConfig, spec: InputSpec, chunk: list[ListedFile], name: str, staging: str, dim: int,
+               digests: list[str], key: str, beam_args: list[str] | None) -> dict[str, Any]:
+    """One chunk's pipeline; its rows are counted, then committed under ``_resume/chunks/<name>/``."""
+    work = fsutil.join(staging, "chunks", name)
+    p = beam.Pipeline(options=pipeline_options(beam_args))
+    build(p, cfg, spec, write_listing(work, chunk), work, dim, digests)
+    result = p.run()
+    result.wait_until_finish()
+    metrics = job_metrics.collect(result, ("cbir", "cbir_inference"))
+    rows = unit_rows(spec, chunk, work)
+    kinds = (*KINDS, LOCAL_KIND) if cfg.local_features else KINDS
+    staged = publish.count_staged(work, kinds, name)
+    written = sum(part.rows for kind in KINDS for _, part in staged[kind])
+    publish.check_counts("extract", {"inputs": sum(rows.values()), "read (counter)": metrics.get("read"),
+                                     "rows written": written}, f"chunk {name}")
+    reuse.start_resume(cfg.output, key)
+    folder = fsutil.join(cfg.output, reuse.RESUME, "chunks", name)
+    moves = [(src, fsutil.join(folder, kind, src.rsplit("/", 1)[-1])) for kind in kinds for src, _ in staged[kind]]
+    fsutil.move([a for a, _ in moves], [b for _, b in moves])
+    reuse.write_table(reuse.inputs_table({reuse.unit_name(f.path, spec.root): (f.size, f.mtime, rows[f.path])
+                                          for f in chunk}),
+                      fsutil.join(folder, "inputs.parquet"))
+    fsutil.write_json_atomic(fsutil.join(folder, "DONE.json"), {"inputs": len(chunk), "rows": written})
+    fsutil.delete_tree(work)
+    return metrics
 
 
 def _reusable_files(cfg: ExtractConfig) -> list[str]:
@@ -179,16 +279,24 @@ def _reusable_files(cfg: ExtractConfig) -> list[str]:
 
 def publish_run(
     cfg: ExtractConfig, spec: InputSpec, listed: list[ListedFile], run_id: str, staging: str,
-    model_desc: dict[str, Any], dim: int, elapsed: float, result: Any,
+    model_desc: dict[str, Any], dim: int, elapsed: float, metrics: dict[str, Any],
+    units: dict[str, tuple[int, float | None, int]], carried_rows: int = 0,
 ) -> FeaturesManifest:
-    """Checks the run's counts, then moves its parts in and commits the manifest."""
+    """Checks the run's counts (inputs = rows read or carried = rows staged), then moves its parts in and
+    commits the manifest, which lists the inputs' listing metadata for the next run."""
+    names = [reuse.unit_name(f.path, spec.root) for f in listed]
+    reuse.write_table(reuse.inputs_table({name: units[name] for name in names}),
+                      fsutil.join(staging, reuse.INPUTS, "part-00000-of-00001.parquet"))
     kinds = (*KINDS, LOCAL_KIND) if cfg.local_features else KINDS
-    staged = publish.count_staged(staging, kinds, run_id)
+    staged = publish.count_staged(staging, (*kinds, reuse.INPUTS), run_id)
     ok = sum(p.rows for _, p in staged["features"])
     failed = sum(p.rows for _, p in staged["failures"])
-    metrics = job_metrics.collect(result, ("cbir", "cbir_inference"))
-    inputs, accounting = count_inputs(spec, listed, staging)
-    accounting.checked = {"inputs": inputs, "read (counter)": metrics.get("read"), "rows written": ok + failed}
+    inputs = sum(units[name][2] for name in names)
+    read = metrics.get("read")
+    source = "listing" if not spec.is_shards else "parquet footers" if spec.format == "parquet" else "tallies"
+    accounting = Accounting(source, len(listed), inputs, {
+        "inputs": inputs, "read (counter) + carried": None if read is None else read + carried_rows,
+        "rows written": ok + failed})
     publish.check_counts("extract", accounting.checked)
     reasons = features_io.failure_reasons([src for src, _ in staged["failures"]])
     local = None
@@ -212,7 +320,7 @@ def publish_run(
         metrics=metrics,
         options=dataclasses.asdict(cfg),
         accounting=accounting,
-        files={kind: [p for _, p in staged[kind]] for kind in kinds},
+        files={kind: [p for _, p in staged[kind]] for kind in (*kinds, reuse.INPUTS)},
         local_features=local,
         runtime=_runtime_used(metrics),
     )
@@ -294,7 +402,15 @@ def register(subparsers: Any) -> None:
                     help="also store up to K SIFT keypoints per image (local/*.parquet) so that the index can "
                          "verify matches geometrically (cbir query --verify N); 0 (default): none")
     ex.add_argument("--previous", default=None,
-                    help="an earlier extract output: unchanged images (same sha256 and model) are copied")
+                    help="an earlier extract output (may be --output itself): inputs whose size and modification "
+                         "time it recorded unchanged are carried unread, and read images with a known sha256 are "
+                         "not run through the model again")
+    ex.add_argument("--verify-digests", action="store_true",
+                    help="read and hash every input, even those whose listing metadata is unchanged (catches a "
+                         "file rewritten with the same size and time)")
+    ex.add_argument("--commit-every", type=non_negative_int, default=10_000, metavar="N",
+                    help="commit the rows of every N inputs read (default 10000); a re-run after a kill continues "
+                         "from the committed ones. 0: one chunk. On Dataflow each chunk is a job: raise it")
     ex.set_defaults(handler=main, beam=True)
 
 
@@ -319,6 +435,8 @@ def main(args: Any, beam_args: list[str]) -> int:
         decode_threads=args.decode_threads,
         allow_uri_prefixes=tuple(args.allow_uri_prefix),
         local_features=args.local_features,
+        verify_digests=args.verify_digests,
+        commit_every=args.commit_every,
     )
     try:
         manifest = run(cfg, beam_args)
@@ -337,8 +455,11 @@ def print_summary(m: FeaturesManifest) -> None:
     if m.accounting is not None:
         print(f"  inputs {m.accounting.inputs} ({m.accounting.source}, {m.accounting.units} units): every one is a "
               "feature or a failure row")
-    reused = m.metrics.get("reused")
+    carried, reused = m.metrics.get("reused_by_metadata"), m.metrics.get("reused")
+    if carried:
+        print(f"  carried unread {carried} inputs ({m.metrics.get('reused_by_metadata_rows', 0)} rows) whose size "
+              f"and time were unchanged")
     if reused is not None:
-        print(f"  reused {reused} features from the previous run, extracted {m.metrics.get('to_extract', 0)}")
+        print(f"  of those read: {reused} reused by content digest, extracted {m.metrics.get('to_extract', 0)}")
     for reason, n in list(m.failures_by_reason.items())[:10]:
         print(f"  failed {n:>6}  {reason}")

@@ -23,3 +23,18 @@ def collect(result: Any, namespaces: tuple[str, ...], distributions: bool = True
                     out[d.key.metric.name] = {"count": v.count, "min": v.min, "max": v.max,
                                               "mean": round(v.mean, 3)}
     return dict(sorted(out.items()))
+
+
+def add(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """``more`` (one pipeline's metrics) added into ``total``: counters summed, distributions merged."""
+    for name, value in more.items():
+        mine = total.get(name)
+        if isinstance(value, dict) and isinstance(mine, dict):
+            count = mine["count"] + value["count"]
+            total[name] = {"count": count, "min": min(mine["min"], value["min"]), "max": max(mine["max"], value["max"]),
+                           "mean": round((mine["mean"] * mine["count"] + value["mean"] * value["count"]) / count, 3)}
+        elif isinstance(value, int) and isinstance(mine, int):
+            total[name] = mine + value
+        else:
+            total[name] = value
+    return dict(sorted(total.items()))

@@ -32,9 +32,26 @@ class LeaseHeldError(RuntimeError):
     """Another build holds the output's lease; this one did not start."""
 
 
+def _holder_gone(held: dict[str, Any]) -> bool:
+    """The holder ran on this host and its process is gone (killed, OOM): its lease holds nothing.
+
+    A holder on another host cannot be checked from here; its lease holds until it lapses.
+    """
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
+
+
 class Lease:
-    def __init__(self, output: str, version: str, ttl_seconds: float):
+    def __init__(self, output: str, version: str, ttl_seconds: float, what: str = "index build"):
         self.output = output
+        self.what = what
         self.path = fsutil.join(output, LEASE_FILE)
         self.token = uuid.uuid4().hex
         self.record = {"version": version, "token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
@@ -42,14 +59,15 @@ class Lease:
 
     def acquire(self) -> Lease:
         held = self._read()
-        if held is not None and held.get("expires", 0) > time.time():
+        if held is not None and held.get("expires", 0) > time.time() and not _holder_gone(held):
             raise LeaseHeldError(
-                f"another index build ({held.get('version')}, host {held.get('host')}, pid {held.get('pid')}, started "
+                f"another {self.what} ({held.get('version')}, host {held.get('host')}, pid {held.get('pid')}, started "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(held.get('started', 0)))} UTC) holds {self.path}; "
-                f"two builds into one index are not supported. If that build died, the lease lapses at "
+                f"two runs into one output are not supported. If that run died, the lease lapses at "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(held['expires']))} UTC, or delete the file")
         if held is not None:
-            log.warning("taking over the lapsed lease of build %s (%s)", held.get("version"), self.path)
+            log.warning("taking over the lease of %s (%s): it lapsed or its process is gone", held.get("version"),
+                        self.path)
             fsutil.delete_quietly([self.path])
         data = fsutil.json_bytes(self.record)
         if "://" not in self.path:
@@ -57,13 +75,13 @@ class Lease:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                raise LeaseHeldError(f"another index build took {self.path} a moment ago") from None
+                raise LeaseHeldError(f"another {self.what} took {self.path} a moment ago") from None
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         else:
             fsutil.write_bytes_atomic(self.path, data)
             if (self._read() or {}).get("token") != self.token:
-                raise LeaseHeldError(f"another index build took {self.path} a moment ago")
+                raise LeaseHeldError(f"another {self.what} took {self.path} a moment ago")
         return self
 
     def release(self) -> None:

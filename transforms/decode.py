@@ -135,7 +135,8 @@ class DecodeFn(PooledFn):
         sha, img = result
         if isinstance(img, BaseException):
             count_failure("decode", type(img).__name__)
-            yield beam.pvalue.TaggedOutput(FAILURES_TAG, failure(record.image_id, record.uri, "decode", img))
+            yield beam.pvalue.TaggedOutput(FAILURES_TAG, failure(record.image_id, record.uri, "decode", img,
+                                                                 unit=record.unit))
             return
         assert isinstance(img, DecodedImage)
         self._ok.inc()
@@ -143,5 +144,5 @@ class DecodeFn(PooledFn):
         if img.reduced_scale > 1:
             self._reduced_count.inc()
         self._pixels.update(img.width * img.height // 1000)
-        meta = ImageMeta(record.image_id, record.uri, record.label, sha, img.width, img.height)
+        meta = ImageMeta(record.image_id, record.uri, record.label, sha, img.width, img.height, record.unit)
         yield meta, img.pixels

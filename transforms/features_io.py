@@ -26,6 +26,7 @@ FAILURE_SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("error", pa.string()),
         ("message", pa.string()),
+        ("unit", pa.string()),
     ]
 )
 
@@ -41,6 +42,7 @@ def feature_schema(dim: int, feature_dtype: str = "float32") -> pa.Schema:
             ("height", pa.int32()),
             pa.field("label", pa.string(), nullable=True),
             ("feature", pa.list_(FEATURE_DTYPES[feature_dtype], dim)),
+            ("unit", pa.string()),  # the listed input (file or shard file) the row came from
         ]
     )
 
@@ -62,6 +64,7 @@ def rows_to_table(rows: Sequence[FeatureRow], schema: pa.Schema) -> pa.Table:
             pa.array([m.height for m in metas], pa.int32()),
             pa.array([m.label for m in metas], pa.string()),
             pa.FixedSizeListArray.from_arrays(pa.array(flat, value_type), dim),
+            pa.array([m.unit for m in metas], pa.string()),
         ],
         schema=schema,
     )

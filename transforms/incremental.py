@@ -45,7 +45,7 @@ class SplitReusableFn(beam.DoFn):
         sha = hashlib.sha256(record.data).hexdigest()
         if sha in known:
             self._reused.inc()
-            yield beam.pvalue.TaggedOutput(REUSED_TAG, (sha, (record.image_id, record.uri, record.label)))
+            yield beam.pvalue.TaggedOutput(REUSED_TAG, (sha, (record.image_id, record.uri, record.label, record.unit)))
         else:
             self._new.inc()
             yield record
@@ -57,8 +57,8 @@ def _join(element: tuple[str, dict[str, list]], dtype: str):
     if not previous:
         return
     feature, width, height = previous[0]
-    for image_id, uri, label in groups["current"]:
-        meta = ImageMeta(image_id, uri, label, sha, int(width), int(height))
+    for image_id, uri, label, unit in groups["current"]:
+        meta = ImageMeta(image_id, uri, label, sha, int(width), int(height), unit)
         yield FeatureRow(meta, np.asarray(feature, dtype=np.float32).astype(dtype))
 
 

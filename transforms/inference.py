@@ -79,7 +79,8 @@ class _ToFeatureRowFn(beam.DoFn):
         if not np.all(np.isfinite(vec)):
             count_failure("inference", "NonFiniteFeature")
             yield beam.pvalue.TaggedOutput(
-                FAILURES_TAG, failure(meta.image_id, meta.uri, "inference", "NonFiniteFeature", "NaN or inf")
+                FAILURES_TAG,
+                failure(meta.image_id, meta.uri, "inference", "NonFiniteFeature", "NaN or inf", unit=meta.unit),
             )
             return
         self._ok.inc()
@@ -90,7 +91,7 @@ def _failed_batch_rows(failed: tuple[Any, BaseException]):
     batch, exc = failed
     count_failure("inference", type(exc).__name__, len(batch))
     for meta, _ in batch:
-        yield failure(meta.image_id, meta.uri, "inference", exc)
+        yield failure(meta.image_id, meta.uri, "inference", exc, unit=meta.unit)
 
 
 class ExtractFeatures(beam.PTransform):

@@ -20,6 +20,7 @@ class ImageRecord(NamedTuple):
     uri: str
     label: str | None
     data: bytes
+    unit: str = ""  # the listed input it came from (the file, or the shard file): what a re-run can skip
 
 
 class ImageMeta(NamedTuple):
@@ -31,6 +32,7 @@ class ImageMeta(NamedTuple):
     sha256: str
     width: int
     height: int
+    unit: str = ""
 
 
 class FeatureRow(NamedTuple):
@@ -38,10 +40,11 @@ class FeatureRow(NamedTuple):
     feature: np.ndarray  # float32 (D,)
 
 
-def failure(image_id: str, uri: str, stage: str, exc: BaseException | str, message: str | None = None) -> dict:
+def failure(image_id: str, uri: str, stage: str, exc: BaseException | str, message: str | None = None,
+            unit: str = "") -> dict:
     """A failure row as ARCHITECTURE.md defines it: stage, exception class, message."""
     if isinstance(exc, BaseException):
         error, msg = type(exc).__name__, message or str(exc)
     else:
         error, msg = exc, message or ""
-    return {"image_id": image_id, "uri": uri, "stage": stage, "error": error, "message": msg[:2000]}
+    return {"image_id": image_id, "uri": uri, "stage": stage, "error": error, "message": msg[:2000], "unit": unit}

@@ -23,7 +23,7 @@ from pipelines import cli, extract, index, neighbors
 from plumbing import publish
 from transforms.decode import DecodeFn
 from transforms.readers import InputSpec, ListedFile
-from transforms.readers.accounting import TALLIES_DIR
+from transforms.readers.accounting import TALLIES_DIR, count_inputs
 
 
 def _snapshot(root) -> dict[str, bytes]:
@@ -77,8 +77,8 @@ def test_a_shard_without_its_tally_refuses_the_run(tmp_path):
     spec = InputSpec("tfrecord", "/d/*", "/d")
     listed = [ListedFile("/d/a.tfrecord", 10), ListedFile("/d/b.tfrecord", 10)]
     with pytest.raises(publish.PublishRefusedError, match="no single tally for 1 shard"):
-        extract.count_inputs(spec, listed, str(staging))
-    total, accounting = extract.count_inputs(spec, listed[:1], str(staging))
+        count_inputs(spec, listed, str(staging))
+    total, accounting = count_inputs(spec, listed[:1], str(staging))
     assert total == 5 and accounting.source == "tallies" and accounting.units == 1
 
 

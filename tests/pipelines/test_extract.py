@@ -38,7 +38,7 @@ def test_schema_and_manifest_follow_design(flowers_features):
     ids = table.column("image_id").to_pylist()
     assert len(set(ids)) == 720 and "0/image_0001.jpg" in ids
     failures = pq.read_table(next((out / "failures").glob("part-*.parquet")))
-    assert failures.schema.names == ["image_id", "uri", "stage", "error", "message"]
+    assert failures.schema.names == ["image_id", "uri", "stage", "error", "message", "unit"]
 
 
 def test_features_equal_backbone_on_same_pixels(flowers_features, flowers, mobilenet_spec):

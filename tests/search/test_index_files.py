@@ -108,7 +108,7 @@ def test_a_second_build_into_one_output_refuses_to_start(flowers_features, tmp_p
     with Lease(str(out), "v-first", ttl_seconds=3600):
         with pytest.raises(LeaseHeldError, match="v-first"):
             Lease(str(out), "v-second", ttl_seconds=3600).acquire()
-        with pytest.raises(LeaseHeldError, match="two builds into one index are not supported"):
+        with pytest.raises(LeaseHeldError, match="two runs into one output are not supported"):
             index.run(index.IndexConfig(features=str(flowers_features[0]), output=str(out), dims=8,
                                         type_params={"annoy": annoy_type.Params(trees=2)}))
         assert sorted(p.name for p in out.iterdir()) == [LEASE_FILE]  # nothing else was written

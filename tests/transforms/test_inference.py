@@ -94,7 +94,8 @@ def test_incremental_run_extracts_only_new_images(tmp_path, flowers, mobilenet_s
     night2 = extract.run(extract.ExtractConfig(
         input=str(corpus), output=str(tmp_path / "n2"), model=mobilenet_spec, previous=str(tmp_path / "n1"),
     ))
-    assert night2.metrics["reused"] == 39
+    assert night2.metrics["reused_by_metadata"] == 39  # size and time unchanged: carried unread
+    assert night2.metrics.get("reused", 0) == 0  # of the two read, none has a known digest
     assert night2.metrics["to_extract"] == 2
     assert night2.metrics["num_inferences"] == 2
     assert (night2.counts.inputs, night2.counts.read, night2.counts.ok, night2.counts.failed) == (41, 41, 41, 0)

@@ -36,8 +36,18 @@ def count_inputs(spec: InputSpec, listed: list[ListedFile], staging: str, job: s
     Folders: the launcher's listing. Shards: each listed shard's tally; a shard with no
     tally (or two) refuses the run, since its records cannot be counted.
     """
+    rows = unit_rows(spec, listed, staging, job)
+    total = sum(rows.values())
     if not spec.is_shards:
-        return len(listed), Accounting("listing", len(listed), len(listed))
+        return total, Accounting("listing", len(listed), total)
+    source = "parquet footers" if spec.format == "parquet" else "tallies"
+    return total, Accounting(source, len(listed), total)
+
+
+def unit_rows(spec: InputSpec, listed: list[ListedFile], staging: str, job: str = "extract") -> dict[str, int]:
+    """Rows each listed input must have produced: one per file; a shard's tally (exactly one per shard)."""
+    if not spec.is_shards:
+        return {f.path: 1 for f in listed}
     tallies: dict[str, list[int]] = {}
     for path in fsutil.match(fsutil.join(staging, TALLIES_DIR, "part-*")):
         for line in fsutil.read_bytes(path).decode("utf-8").splitlines():
@@ -50,6 +60,4 @@ def count_inputs(spec: InputSpec, listed: list[ListedFile], staging: str, job: s
             job, {"shards listed": len(listed), "shards with one tally": len(listed) - len(missing)},
             f"no single tally for {len(missing)} shard(s), e.g. {missing[:3]}",
         )
-    total = sum(tallies[f.path][0] for f in listed)
-    source = "parquet footers" if spec.format == "parquet" else "tallies"
-    return total, Accounting(source, len(listed), total)
+    return {f.path: tallies[f.path][0] for f in listed}

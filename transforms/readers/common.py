@@ -35,10 +35,49 @@ TALLIES_TAG = "tallies"
 
 
 class ListedFile(NamedTuple):
-    """One input file as the launcher listed it (path and size from the listing, no read)."""
+    """One input file as the launcher listed it (path, size and modification time from the listing, no read).
+
+    ``mtime`` is what the filesystem reports as the last update (seconds; local mtime, the object's update
+    time on gs:// and s3://); None where it reports nothing, and then a re-run cannot skip the file unread.
+    """
 
     path: str
     size: int
+    mtime: float | None = None
+
+
+def stamp_unit(element: Any, unit: str) -> Any:
+    """A reader's output marked with the listed input it came from, so a later run can carry its rows."""
+    if isinstance(element, beam.pvalue.TaggedOutput):
+        if element.tag == TALLIES_TAG:
+            return element
+        return beam.pvalue.TaggedOutput(element.tag, stamp_unit(element.value, unit))
+    if isinstance(element, dict) and "stage" in element:
+        return {**element, "unit": unit}
+    if hasattr(element, "_replace") and hasattr(element, "unit"):
+        return element._replace(unit=unit)
+    return element
+
+
+class StampUnitFn(beam.DoFn):
+    """Runs a shard DoFn and marks everything it yields with the shard (``unit_of`` its input), named as an
+    image id is: relative to the input root, so a corpus mounted elsewhere keeps its names."""
+
+    def __init__(self, inner: beam.DoFn, root: str, unit_of: Any = None):
+        self._inner = inner
+        self._root = root
+        self._unit_of = unit_of
+
+    def setup(self):
+        self._inner.setup()
+
+    def teardown(self):
+        self._inner.teardown()
+
+    def process(self, element: Any):
+        unit = relative_id(self._unit_of(element) if self._unit_of is not None else element.path, self._root)
+        for out in self._inner.process(element):
+            yield stamp_unit(out, unit)
 
 
 class ShardReadError(ValueError):
@@ -156,8 +195,8 @@ class Account(beam.PTransform):
 
 
 def _parse_line(line: str) -> ListedFile:
-    path, size = json.loads(line)
-    return ListedFile(path, int(size))
+    path, size, *rest = json.loads(line)
+    return ListedFile(path, int(size), rest[0] if rest else None)
 
 
 class ReadListing(beam.PTransform):
@@ -200,7 +239,8 @@ class ShardFileReader(ListingReader):
         read = (
             pbegin
             | "Listing" >> ReadListing(self._listing)
-            | "ReadShards" >> beam.ParDo(self.shard_fn()).with_outputs(TALLIES_TAG, main="entries")
+            | "ReadShards" >> beam.ParDo(StampUnitFn(self.shard_fn(), self._spec.root)).with_outputs(
+                TALLIES_TAG, main="entries")
         )
         accounted = read.entries | "Account" >> Account(self.FORMAT)
         return {"records": accounted.records, "failures": accounted.failures, "tallies": read[TALLIES_TAG]}

@@ -27,9 +27,9 @@ class _ReadFileFn(beam.DoFn):
         try:
             data = read_limited(listed.path, size=listed.size)
         except Exception as exc:  # permissions, vanished files, remote errors, oversized files
-            yield failure(image_id, listed.path, "read", exc)
+            yield failure(image_id, listed.path, "read", exc, unit=image_id)
             return
-        yield ImageRecord(image_id, listed.path, label_from_id(image_id), data)
+        yield ImageRecord(image_id, listed.path, label_from_id(image_id), data, image_id)
 
 
 class ReadImageFiles(ListingReader):

@@ -31,6 +31,7 @@ from transforms.readers.common import (
     ReadListing,
     ShardFn,
     ShardReadError,
+    StampUnitFn,
     read_limited,
     tally,
 )
@@ -79,6 +80,7 @@ class _FetchUri(NamedTuple):
     image_id: str
     uri: str
     label: str | None
+    unit: str = ""
 
 
 class UriNotAllowedError(ShardReadError):
@@ -212,9 +214,13 @@ class _FetchUriFn(beam.DoFn):
         try:
             data = read_limited(item.uri)
         except Exception as exc:
-            yield failure(item.image_id, item.uri, "read", exc)
+            yield failure(item.image_id, item.uri, "read", exc, unit=item.unit)
             return
-        yield ImageRecord(item.image_id, item.uri, item.label, data)
+        yield ImageRecord(item.image_id, item.uri, item.label, data, item.unit)
+
+
+def _group_unit(item: _RowGroup) -> str:
+    return item.path
 
 
 class ReadParquetImages(ListingReader):
@@ -227,13 +233,14 @@ class ReadParquetImages(ListingReader):
         planned = (
             pbegin
             | "Listing" >> ReadListing(self._listing)
-            | "Plan" >> beam.ParDo(_PlanParquetFn(root)).with_outputs("failed", TALLIES_TAG, main="groups")
+            | "Plan" >> beam.ParDo(StampUnitFn(_PlanParquetFn(root), root)).with_outputs(
+                "failed", TALLIES_TAG, main="groups")
         )
         rows = (
             planned.groups
             | "SpreadGroups" >> beam.Reshuffle()
-            | "ReadRowGroups" >> beam.ParDo(_ReadParquetRowGroupFn(root, self._spec.allow_uri_prefixes)).with_outputs(
-                "fetch", main="rows")
+            | "ReadRowGroups" >> beam.ParDo(StampUnitFn(_ReadParquetRowGroupFn(root, self._spec.allow_uri_prefixes),
+                                                        root, _group_unit)).with_outputs("fetch", main="rows")
         )
         fetched = rows.fetch | "SpreadFetches" >> beam.Reshuffle() | "FetchUris" >> beam.ParDo(_FetchUriFn())
         accounted = (planned.failed, rows.rows, fetched) | "Merge" >> beam.Flatten() | "Account" >> Account(self.FORMAT)

@@ -65,12 +65,18 @@ class InputSpec:
         except beam.io.filesystem.BeamIOError:
             found = []
         listed = sorted(
-            ListedFile(m.path, int(m.size_in_bytes)) for m in found
+            ListedFile(m.path, int(m.size_in_bytes), _mtime(m)) for m in found
             if is_visible(m.path, self.root) and (not self.is_shards or is_shard_name(m.path))
         )
         if not listed:
             raise FileNotFoundError(f"input {self.pattern!r} matches no file")
         return listed
+
+
+def _mtime(metadata: beam.io.filesystem.FileMetadata) -> float | None:
+    """The last update the filesystem reports (Beam gives 0.0 when it knows none: then None)."""
+    value = float(getattr(metadata, "last_updated_in_seconds", 0.0) or 0.0)
+    return value or None
 
 
 def _shard_pattern(rest: str) -> str:
@@ -110,6 +116,6 @@ def write_listing(staging: str, listed: list[ListedFile]) -> str:
     folder = fsutil.join(staging, LISTING_DIR)
     chunks = range(0, len(listed), LISTING_LINES_PER_FILE)
     for n, start in enumerate(chunks):
-        lines = "".join(json.dumps([f.path, f.size]) + "\n" for f in listed[start:start + LISTING_LINES_PER_FILE])
+        lines = "".join(json.dumps(list(f)) + "\n" for f in listed[start:start + LISTING_LINES_PER_FILE])
         fsutil.write_bytes_atomic(fsutil.join(folder, f"listing-{n:05d}.jsonl"), lines.encode("utf-8"))
     return fsutil.join(folder, "listing-*.jsonl")
