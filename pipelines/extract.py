@@ -73,7 +73,7 @@ class ExtractConfig:
     allow_uri_prefixes: tuple[str, ...] = ()  # parquet: uri cells read only under these (and relative ones)
     local_features: int = 0  # up to this many SIFT keypoints per image for geometric verification (0: none)
     verify_digests: bool = False  # read and hash every input, even those whose listing metadata is unchanged
-    commit_every: int = 10_000  # inputs per committed chunk (what a kill can cost); 0: one chunk
+    commit_every: int = 5_000  # inputs per committed chunk (what a kill can cost); 0: one chunk
     stale_after_seconds: float = 24 * 3600  # a run holding the output's lease this long is dead
 
 
@@ -408,8 +408,8 @@ def register(subparsers: Any) -> None:
     ex.add_argument("--verify-digests", action="store_true",
                     help="read and hash every input, even those whose listing metadata is unchanged (catches a "
                          "file rewritten with the same size and time)")
-    ex.add_argument("--commit-every", type=non_negative_int, default=10_000, metavar="N",
-                    help="commit the rows of every N inputs read (default 10000); a re-run after a kill continues "
+    ex.add_argument("--commit-every", type=non_negative_int, default=5_000, metavar="N",
+                    help="commit the rows of every N inputs read (default 5000); a re-run after a kill continues "
                          "from the committed ones. 0: one chunk. On Dataflow each chunk is a job: raise it")
     ex.set_defaults(handler=main, beam=True)
 
