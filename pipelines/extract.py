@@ -174,9 +174,9 @@ def _run_leased(cfg: ExtractConfig, spec: InputSpec, listed: list[ListedFile], m
              len(plan.carried), ", ".join(f"{k} {v}" for k, v in plan.by_source.items()) or "nothing to carry from",
              len(plan.to_read))
     try:
-        reuse.carry(plan, staging)
-        digests = digest_from_all if cfg.verify_digests or previous is None else reuse.digest_candidates(
-            plan, previous, staging)
+        digests = reuse.carry(plan, staging, None if cfg.verify_digests else previous)
+        if cfg.verify_digests or previous is None:
+            digests = digest_from_all
         metrics, units = _read_in_chunks(cfg, spec, plan.to_read, run_id, staging, dim, digests, key, beam_args)
         units.update({u: (*source.units[u][:2], rows) for u, (source, rows) in plan.carried.items()})
         metrics.update({"reused_by_metadata": len(plan.carried), "reused_by_metadata_rows": plan.carried_rows,

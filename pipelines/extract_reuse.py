@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 
 from artefacts.manifests import FeaturesManifest
 from plumbing import fsutil, publish
@@ -179,37 +180,33 @@ def plan(listed: list[ListedFile], sources: list[Source], root: str) -> Plan:
     return Plan(carried, to_read, by_source)
 
 
-def carry(p: Plan, staging: str) -> dict[str, int]:
-    """The carried units' rows, filtered from their sources' parts into ``staging``; rows per kind."""
-    written = {kind: 0 for kind in ROW_KINDS}
-    for source in {id(s): s for s, _ in p.carried.values()}.values():
+def carry(p: Plan, staging: str, digests_from: Source | None = None) -> list[str]:
+    """The carried units' rows, filtered from their sources' parts into ``staging``, each part read once.
+
+    From ``digests_from`` (the previous run), the feature rows *not* carried (changed, removed or moved
+    inputs) also go to ``staging/_digests/``: what is read tonight may reuse them by content digest.
+    Returns those digest files.
+    """
+    sources = {id(s): s for s, _ in p.carried.values()}
+    if digests_from is not None and p.to_read:
+        sources.setdefault(id(digests_from), digests_from)
+    digest_files: list[str] = []
+    for source in sources.values():
         units = pa.array(sorted(u for u, (s, _) in p.carried.items() if s is source), pa.string())
         for kind in ROW_KINDS:
             for n, path in enumerate(source.parts[kind]):
                 table = features_io.read_table(path)
-                kept = table.filter(pc.is_in(table.column("unit"), value_set=units))
+                mask = pc.is_in(table.column("unit"), value_set=units)
+                kept = table.filter(mask)
                 if kept.num_rows:
                     write_table(kept, fsutil.join(staging, kind, f"part-carried-{source.name}-{n:05d}.parquet"))
-                    written[kind] += kept.num_rows
-    return written
-
-
-def digest_candidates(p: Plan, previous: Source | None, staging: str) -> list[str]:
-    """Previous feature rows not carried (changed, removed or moved inputs), for reuse by content digest."""
-    if previous is None or not p.to_read:
-        return []
-    carried = pa.array(sorted(u for u, (s, _) in p.carried.items() if s is previous), pa.string())
-    out = []
-    for n, path in enumerate(previous.parts["features"]):
-        table = features_io.read_table(path)
-        rest = table.filter(pc.invert(pc.is_in(table.column("unit"), value_set=carried)))
-        if rest.num_rows:
-            out.append(fsutil.join(staging, "_digests", f"part-{n:05d}.parquet"))
-            write_table(rest, out[-1])
-    return out
+                if source is digests_from and kind == "features" and p.to_read and kept.num_rows < table.num_rows:
+                    digest_files.append(fsutil.join(staging, "_digests", f"part-{n:05d}.parquet"))
+                    write_table(table.filter(pc.invert(mask)), digest_files[-1])
+    return digest_files
 
 
 def write_table(table: pa.Table, path: str) -> None:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="snappy")
-    fsutil.write_bytes(path, sink.getvalue().to_pybytes())
+    """One Parquet file through Beam filesystems, streamed (no second copy of it in memory)."""
+    with FileSystems.create(path) as f:
+        pq.write_table(table, f, compression="snappy")

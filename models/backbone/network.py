@@ -250,10 +250,14 @@ class Backbone:
     def _auto(self):
         if self.devices:  # GPUs: TensorFlow, where the precision options apply
             return "graph", self.runner("graph")
+        cacheable = self.spec.weights != RANDOM
         try:
             run = self.runner("litert")
-            pixels = runtimes.probe_pixels(self.size)
-            diff = runtimes.max_difference(run, self._reference(), pixels)
+            diff = runtimes.cached_parity(self.spec.fingerprint(), self.size) if cacheable else None
+            if diff is None:
+                diff = runtimes.max_difference(run, self._reference(), runtimes.probe_pixels(self.size))
+                if cacheable:
+                    runtimes.store_parity(self.spec.fingerprint(), self.size, diff)
         except runtimes.RuntimeUnavailableError as exc:
             log.warning("runtime auto: not LiteRT (%s); running the TensorFlow graph", exc)
             return "graph", self.runner("graph")

@@ -23,6 +23,7 @@ handful of interpreters, not one per batch shape).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -65,6 +66,39 @@ def _cache_path(fingerprint: str, size: int) -> str:
     import tensorflow as tf
 
     return os.path.join(cache_dir(), f"{fingerprint[:24]}-{size}px-tf{tf.__version__}.tflite")
+
+
+def _parity_path(fingerprint: str, size: int) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        litert = version("ai-edge-litert")
+    except PackageNotFoundError:
+        litert = "unknown"
+    return f"{_cache_path(fingerprint, size)}.litert{litert}.parity.json"
+
+
+def cached_parity(fingerprint: str, size: int) -> float | None:
+    """The largest LiteRT-vs-reference difference an earlier probe measured on this machine, or None.
+
+    ``--runtime auto`` probes once per model, TensorFlow and LiteRT version, not once per worker and
+    pipeline: the probe builds the Keras model (about a second), which an extract in chunks and a
+    query would otherwise pay each time.
+    """
+    try:
+        with open(_parity_path(fingerprint, size)) as f:
+            return float(json.load(f)["max_difference"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_parity(fingerprint: str, size: int, difference: float) -> None:
+    path = _parity_path(fingerprint, size)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"max_difference": difference}, f)
+    os.replace(tmp, path)
 
 
 def litert_flatbuffer(graph_fn: Any, fingerprint: str, size: int, what: str, cache: bool = True) -> bytes:

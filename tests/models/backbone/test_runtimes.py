@@ -179,3 +179,22 @@ def test_batches_larger_than_a_chunk_give_the_same_rows(mobilenet_spec, photos):
     chunked = runtimes.LiteRTRunner(flat, backbone.size, chunk=4)(photos)  # 6 photos: a chunk of 4, then 2
     assert chunked.shape == whole.shape
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
+
+def test_auto_probes_parity_once_per_model_and_machine(tmp_path, monkeypatch, mobilenet_spec, photos):
+    """The second auto choice reads the probe's verdict instead of running both networks again."""
+    monkeypatch.setenv("CBIR_CACHE_DIR", str(tmp_path / "cache"))
+    spec = dataclasses.replace(mobilenet_spec, runtime="auto")
+    first = Backbone(spec)
+    assert first.resolve_runtime() == "litert"
+    assert runtimes.cached_parity(spec.fingerprint(), first.size) <= runtimes.PARITY_TOLERANCE
+
+    def no_probe(*args):
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(runtimes, "max_difference", no_probe)
+    second = Backbone(spec)
+    assert second.resolve_runtime() == "litert"
+    np.testing.assert_array_equal(second.predict(photos[:2]), first.predict(photos[:2]))
+    runtimes.store_parity(spec.fingerprint(), first.size, 1.0)  # a verdict that LiteRT is off is kept too
+    assert Backbone(spec).resolve_runtime() == "graph"
