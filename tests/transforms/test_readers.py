@@ -439,3 +439,25 @@ def test_gzip_tfrecord_through_beam_filesystems(photos, tmp_path):
     path.write_bytes(gzip.compress(buf.getvalue()))
     records, failures, _ = read_spec(f"tfrecord:{path}", tmp_path)
     assert list(records) == ["z"] and not failures
+
+
+def test_a_local_folder_is_listed_as_beam_lists_it(tmp_path):
+    """The walk that lists a local folder gives Beam's own listing: same paths, sizes and times."""
+    import os
+
+    from apache_beam.io.filesystems import FileSystems
+
+    from transforms.readers.spec import _match
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    for rel, size in [("x.jpg", 3), ("a/y.png", 5), ("a/b/z.jpg", 0), (".hidden/h.jpg", 1), ("a/.DS_Store", 2)]:
+        (tmp_path / rel).write_bytes(b"\0" * size)
+    os.symlink(tmp_path / "x.jpg", tmp_path / "a" / "link.jpg")
+    pattern = f"{tmp_path}/**"
+
+    def as_tuples(found):
+        return sorted((m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in found)
+
+    assert as_tuples(_match(pattern)) == as_tuples(FileSystems.match([pattern])[0].metadata_list)
+    assert len(_match(pattern)) == 6
