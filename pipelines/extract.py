@@ -25,7 +25,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from artefacts.manifests import Accounting, ExtractCounts, FeaturesManifest, new_run_id, utc_now
+from artefacts.manifests import Accounting, ExtractCounts, FeaturesManifest, PartFile, new_run_id, utc_now
 from models.backbone.imaging import DEFAULT_MAX_PIXELS
 from models.backbone.network import ModelSpec
 from pipelines import extract_reuse as reuse
@@ -223,17 +223,23 @@ def _read_in_chunks(cfg: ExtractConfig, spec: InputSpec, to_read: list[ListedFil
         log.info("chunk %d of %d: %d inputs", n + 1, len(chunks), len(chunk))
         metrics = job_metrics.add(metrics, _run_chunk(cfg, spec, chunk, f"{run_id}-{n:05d}", staging, dim, digests, key,
                                                       beam_args))
-    # only now, every chunk committed, do this run's rows move into its staging (a kill before leaves them
-    # in _resume/ for the next run; one after, which loses them, costs that run a re-read, never a wrong row)
-    kinds = (*KINDS, LOCAL_KIND) if cfg.local_features else KINDS
     for n in range(len(chunks)):
-        folder = fsutil.join(cfg.output, reuse.RESUME, "chunks", f"{run_id}-{n:05d}")
-        units.update(reuse.read_units([fsutil.join(folder, "inputs.parquet")]))
-        for kind in kinds:
-            parts = fsutil.match(fsutil.join(folder, kind, "part-*.parquet"))
-            fsutil.move(parts, [fsutil.join(staging, kind, f"part-c{n:05d}-{p.rsplit('/', 1)[-1][5:]}")
-                                for p in parts])
+        units.update(reuse.read_units([fsutil.join(cfg.output, reuse.RESUME, "chunks", f"{run_id}-{n:05d}",
+                                                   "inputs.parquet")]))
     return metrics, units
+
+
+def _chunk_parts(output: str, run_id: str, kinds: tuple[str, ...]) -> dict[str, list[tuple[str, PartFile]]]:
+    """This run's committed chunk parts, as staged parts that publish moves straight from ``_resume/`` into
+    place: a run that fails to publish leaves them where the next run resumes from."""
+    out: dict[str, list[tuple[str, PartFile]]] = {kind: [] for kind in kinds}
+    for folder in fsutil.match(fsutil.join(output, reuse.RESUME, "chunks", f"{run_id}-*", "DONE.json")):
+        chunk = folder.rsplit("/", 2)[-2]
+        for kind in kinds:
+            for src in fsutil.match(fsutil.join(folder.rsplit("/", 1)[0], kind, "part-*.parquet")):
+                name = f"part-{chunk}-{src.rsplit('/', 1)[-1][5:]}"
+                out[kind].append((src, PartFile(f"{kind}/{name}", publish.count_rows(src))))
+    return out
 
 
 def _run_chunk(cfg: ExtractConfig, spec: InputSpec, chunk: list[ListedFile], name: str, staging: str, dim: int,
@@ -289,6 +295,8 @@ def publish_run(
                       fsutil.join(staging, reuse.INPUTS, "part-00000-of-00001.parquet"))
     kinds = (*KINDS, LOCAL_KIND) if cfg.local_features else KINDS
     staged = publish.count_staged(staging, (*kinds, reuse.INPUTS), run_id)
+    for kind, parts in _chunk_parts(cfg.output, run_id, kinds).items():
+        staged[kind] += parts
     ok = sum(p.rows for _, p in staged["features"])
     failed = sum(p.rows for _, p in staged["failures"])
     inputs = sum(units[name][2] for name in names)

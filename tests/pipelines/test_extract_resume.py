@@ -169,3 +169,46 @@ def test_chunks_made_with_other_settings_are_not_resumed(night, tmp_path, mobile
     m = extract.run(_cfg(corpus, out, mobilenet_spec, commit_every=10))
     assert m.metrics["read"] == 24 and m.metrics.get("carried_from_resume") is None
     assert not (out / reuse.RESUME).exists()
+
+
+@pytest.mark.parametrize("where", ["second chunk", "publish", "after the commit"])
+def test_a_failure_anywhere_resumes_to_the_same_rows(where, night, tmp_path, monkeypatch, mobilenet_spec):
+    """A run that dies in its second chunk, while publishing, or just after its commit: the same command
+    again gives the rows of an uninterrupted run, reading only what no committed chunk holds."""
+    corpus, first_out, _ = night
+    out = tmp_path / "out"
+    real_chunk, real_commit, real_delete = extract._run_chunk, extract.publish.commit, extract.fsutil.delete_tree
+    calls = []
+
+    def chunk(*args, **kw):
+        calls.append(1)
+        if where == "second chunk" and len(calls) == 2:
+            raise MemoryError("the worker ran out of memory")
+        return real_chunk(*args, **kw)
+
+    def commit(*args, **kw):
+        if where == "publish":
+            raise OSError("the disk went away")
+        return real_commit(*args, **kw)
+
+    def delete_tree(root):
+        if where == "after the commit" and root.endswith(reuse.RESUME):
+            raise KeyboardInterrupt  # killed between the commit and its clean-up
+        return real_delete(root)
+
+    monkeypatch.setattr(extract, "_run_chunk", chunk)
+    monkeypatch.setattr(extract.publish, "commit", commit)
+    monkeypatch.setattr(extract.fsutil, "delete_tree", delete_tree)
+    with pytest.raises((MemoryError, OSError, KeyboardInterrupt)):
+        extract.run(_cfg(corpus, out, mobilenet_spec, commit_every=10))
+    monkeypatch.undo()
+
+    m = extract.run(_cfg(corpus, out, mobilenet_spec, commit_every=10))
+    # publish fails before its moves: every chunk is still committed; after the commit they were moved into place
+    expected_read = {"second chunk": 14, "publish": 0, "after the commit": 24}[where]
+    assert m.metrics["read"] == expected_read and (m.counts.inputs, m.counts.ok) == (24, 24)
+    assert not (out / reuse.RESUME).exists() and not (out / "_staging").exists()
+    resumed, whole = _rows(out), _rows(first_out)
+    assert resumed.keys() == whole.keys()
+    for image_id, vec in whole.items():
+        np.testing.assert_allclose(resumed[image_id], vec, rtol=1e-4, atol=1e-5)
