@@ -67,6 +67,7 @@ def _write_features(vectors: np.ndarray, out: Path, rows_per_part: int = 200_000
             pa.array(np.full(len(chunk), 1, np.int32)), pa.array(np.full(len(chunk), 1, np.int32)),
             pa.array([None] * len(chunk), pa.string()),
             pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1), pa.float32()), dim),
+            pa.array(ids, pa.string()),  # unit: each synthetic item its own input
         ], schema=schema)
         name = f"features/part-synthetic-{i:05d}.parquet"
         pq.write_table(table, out / name)

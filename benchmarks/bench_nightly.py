@@ -106,6 +106,7 @@ class Corpus:
                 pa.array(np.ones(hi - lo, np.int32)), pa.array(np.ones(hi - lo, np.int32)),
                 pa.array([None] * (hi - lo), pa.string()),
                 pa.FixedSizeListArray.from_arrays(pa.array(self.vectors[lo:hi].reshape(-1), pa.float32()), dim),
+                pa.array(names, pa.string()),  # unit: each synthetic item its own input
             ], schema=feature_schema(dim))
             pq.write_table(table, out / f"features/part-night-{i:05d}.parquet")
             parts.append(PartFile(f"features/part-night-{i:05d}.parquet", hi - lo))
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=300)
-    parser.add_argument("--nights", type=int, default=7, help="1 % nights in a row")
+    parser.add_argument("--nights", type=int, default=7, help="1 %% nights in a row")
     parser.add_argument("--features", default=None, help="an extract output of the dev photos (default: extract)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--print-only", action="store_true", help="leave RESULTS.md as it is")

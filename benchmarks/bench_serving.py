@@ -108,6 +108,7 @@ def synthetic_features(out: str, n: int, dim: int, clusters: int, seed: int = 0)
         pa.array(np.zeros(n, np.int32)), pa.array(np.zeros(n, np.int32)),
         pa.array([str(c) for c in member.tolist()]),
         pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+        pa.array(ids),  # unit: each synthetic item its own input
     ], schema=schema)
     pq.write_table(table, os.path.join(out, "features", "part-0.parquet"))
     manifest = {"kind": "features", "format_version": 1, "run_id": "synthetic", "created_utc": "",
