@@ -9,6 +9,7 @@ its batching, model sharing and metrics, but loads our :class:`Backbone`
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from apache_beam.ml.inference.tensorflow_inference import ModelType, TFModelHandlerNumpy
 
 from models.backbone.network import Backbone, ModelSpec
+from models.backbone.weights import RANDOM
 from transforms.decode import count_failure
 from transforms.records import FAILURES_TAG, FeatureRow, ImageMeta, failure
 
@@ -42,6 +44,10 @@ def _backbone_inference_fn(
     return [PredictionResult(x, y, model_id) for x, y in zip(batch, features, strict=True)]
 
 
+_LOADED: dict[ModelSpec, Backbone] = {}  # per process: one model per spec (ModelSpec is frozen, hashable)
+_LOADING = threading.Lock()
+
+
 class BackboneModelHandler(TFModelHandlerNumpy):
     """TFModelHandlerNumpy whose model is a :class:`Backbone` built from a ModelSpec."""
 
@@ -59,7 +65,18 @@ class BackboneModelHandler(TFModelHandlerNumpy):
         self._spec = spec
 
     def load_model(self) -> Backbone:
-        return Backbone(self._spec)
+        """The worker process's model: built once, then shared by every later pipeline in the process.
+
+        An extract in chunks runs one pipeline per chunk; on the local runner their workers are this
+        process, and building the model again cost about 0.5 s a chunk. Random weights are never
+        shared: each load is meant to draw its own.
+        """
+        if self._spec.weights == RANDOM:
+            return Backbone(self._spec)
+        with _LOADING:
+            if self._spec not in _LOADED:
+                _LOADED[self._spec] = Backbone(self._spec)
+            return _LOADED[self._spec]
 
     def get_metrics_namespace(self) -> str:
         return "cbir_inference"

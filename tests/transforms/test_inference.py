@@ -164,3 +164,16 @@ def test_savedmodel_extracts_like_the_preset(tmp_path, flowers, mobilenet_spec, 
     got = _by_id(_table(out))
     assert len(got) == 80
     assert max(np.max(np.abs(got[i] - ref["8/" + i])) for i in got) < 1e-4
+
+
+def test_the_model_is_built_once_per_process_for_every_chunk_pipeline(mobilenet_spec):
+    """Chunk pipelines in one process share the model they load; random weights never are shared."""
+    from models.backbone.network import ModelSpec
+    from transforms.inference import BackboneModelHandler
+
+    a = BackboneModelHandler(mobilenet_spec, BatchingOptions()).load_model()
+    b = BackboneModelHandler(mobilenet_spec, BatchingOptions(max_batch_size=8)).load_model()
+    assert a is b
+    random = ModelSpec("mobilenet_v1_025", weights="random")
+    assert BackboneModelHandler(random, BatchingOptions()).load_model() is not (
+        BackboneModelHandler(random, BatchingOptions()).load_model())
