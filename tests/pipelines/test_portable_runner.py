@@ -152,7 +152,7 @@ def test_extract_index_and_neighbors_through_a_job_server_and_an_external_worker
           ["neighbors", "--index", str(index_dir), "--output", str(table), "-k", "5", "--chunk-size", "8"])
     m = json.loads((features / "MANIFEST.json").read_text())
     assert m["counts"] == {"inputs": 24, "read": 24, "ok": 24, "failed": 0}
-    assert m["accounting"]["checked"]["read (counter)"] == 24  # metrics came back from the workers
+    assert m["accounting"]["checked"]["read (counter) + carried"] == 24  # metrics came back from the workers
     assert m["metrics"]["num_inferences"] == 24
     version = json.loads((index_dir / "LATEST").read_text())["version"]
     im = json.loads((index_dir / version / "MANIFEST.json").read_text())
