@@ -199,14 +199,17 @@ def _settings(cfg: ExtractConfig) -> dict[str, Any]:
 
 def _previous(cfg: ExtractConfig) -> tuple[reuse.Source | None, list[str]]:
     """``--previous`` as a source of carried rows, and all its feature files (for reuse by digest alone)."""
-    files = _reusable_files(cfg)
+    if not cfg.previous:
+        return None, []
+    manifest = read_features_manifest(cfg.previous)
+    files = _reusable_files(cfg, manifest)
     if not files:
         return None, []
     if cfg.local_features:
         log.warning("--local-features: inputs are read again (their keypoints are not carried), features are "
                     "reused by content digest")
         return None, files
-    return reuse.previous_source(cfg.previous, read_features_manifest(cfg.previous)), files
+    return reuse.previous_source(cfg.previous, manifest), files
 
 
 def _read_in_chunks(cfg: ExtractConfig, spec: InputSpec, to_read: list[ListedFile], run_id: str, staging: str,
@@ -221,11 +224,10 @@ def _read_in_chunks(cfg: ExtractConfig, spec: InputSpec, to_read: list[ListedFil
     chunks = [to_read[i:i + size] for i in range(0, len(to_read), size)]
     for n, chunk in enumerate(chunks):
         log.info("chunk %d of %d: %d inputs", n + 1, len(chunks), len(chunk))
-        metrics = job_metrics.add(metrics, _run_chunk(cfg, spec, chunk, f"{run_id}-{n:05d}", staging, dim, digests, key,
-                                                      beam_args))
-    for n in range(len(chunks)):
-        units.update(reuse.read_units([fsutil.join(cfg.output, reuse.RESUME, "chunks", f"{run_id}-{n:05d}",
-                                                   "inputs.parquet")]))
+        chunk_metrics, chunk_units = _run_chunk(cfg, spec, chunk, f"{run_id}-{n:05d}", staging, dim, digests, key,
+                                                beam_args)
+        metrics = job_metrics.add(metrics, chunk_metrics)
+        units.update(chunk_units)
     return metrics, units
 
 
@@ -243,7 +245,8 @@ def _chunk_parts(output: str, run_id: str, kinds: tuple[str, ...]) -> dict[str, 
 
 
 def _run_chunk(cfg: ExtractConfig, spec: InputSpec, chunk: list[ListedFile], name: str, staging: str, dim: int,
-               digests: list[str], key: str, beam_args: list[str] | None) -> dict[str, Any]:
+               digests: list[str], key: str, beam_args: list[str] | None
+               ) -> tuple[dict[str, Any], dict[str, tuple[int, float | None, int]]]:
     """One chunk's pipeline; its rows are counted, then committed under ``_resume/chunks/<name>/``."""
     work = fsutil.join(staging, "chunks", name)
     p = beam.Pipeline(options=pipeline_options(beam_args))
@@ -261,19 +264,15 @@ def _run_chunk(cfg: ExtractConfig, spec: InputSpec, chunk: list[ListedFile], nam
     folder = fsutil.join(cfg.output, reuse.RESUME, "chunks", name)
     moves = [(src, fsutil.join(folder, kind, src.rsplit("/", 1)[-1])) for kind in kinds for src, _ in staged[kind]]
     fsutil.move([a for a, _ in moves], [b for _, b in moves])
-    reuse.write_table(reuse.inputs_table({reuse.unit_name(f.path, spec.root): (f.size, f.mtime, rows[f.path])
-                                          for f in chunk}),
-                      fsutil.join(folder, "inputs.parquet"))
+    units = {reuse.unit_name(f.path, spec.root): (f.size, f.mtime, rows[f.path]) for f in chunk}
+    reuse.write_table(reuse.inputs_table(units), fsutil.join(folder, "inputs.parquet"))
     fsutil.write_json_atomic(fsutil.join(folder, "DONE.json"), {"inputs": len(chunk), "rows": written})
     fsutil.delete_tree(work)
-    return metrics
+    return metrics, units
 
 
-def _reusable_files(cfg: ExtractConfig) -> list[str]:
+def _reusable_files(cfg: ExtractConfig, previous: FeaturesManifest) -> list[str]:
     """Feature files of ``--previous`` when its vectors are interchangeable with this run's."""
-    if not cfg.previous:
-        return []
-    previous = read_features_manifest(cfg.previous)
     why_not = reusable(previous, cfg.model.fingerprint(), cfg.feature_dtype, cfg.model.precision,
                        cfg.reduced_decode)
     if why_not:
